@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from server import __version__
 from server.config import DEFAULT_MODEL_NAME, DTYPES, ENGINES, Settings, SettingsError
@@ -46,6 +47,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, making the exit status 143.
+        A graceful stop is a success for process supervisors here: exit 0."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
     from server.app import create_app
 
     try:
@@ -58,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     fatal: list[str] = []
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def on_fatal(message: str) -> None:
         fatal.append(message)
@@ -73,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     server.run()
     if fatal:
         print(f"llm-service: could not serve {settings.model_name}: {fatal[0]}", file=sys.stderr)

@@ -39,6 +39,13 @@ class ChatMessage(_Request):
     # passed through to the chat template, which may use it
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # only an assistant turn may come without content (OpenAI: when it made tool calls)
+        if self.content is None and self.role != "assistant":
+            raise InvalidRequest(f"Missing required parameter: 'content' of a {self.role} message.", param="messages.content")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -240,6 +240,8 @@ def _dump(model: BaseModel) -> str:
 def _chat_logprobs(tok: Tokenizer, items: Sequence[TokenLogprobs]) -> ChoiceLogprobs:
     content = []
     for lp in items:
+        if lp.token_id in tok.special_ids:  # e.g. end-of-turn: generated, but not in the text
+            continue
         top = [
             TopLogprob(token=tok.token_text(t), logprob=v, bytes=list(tok.token_bytes(t)))
             for t, v in lp.top.items()
@@ -333,7 +335,7 @@ def _completion_logprobs(
 ) -> CompletionLogprobs:
     tokens, token_lps, tops, offsets = [], [], [], []
     for lp in items:
-        if lp is None:  # the first prompt token has nothing before it to be predicted from
+        if lp is None or lp.token_id in tok.special_ids:  # not part of the text
             continue
         text = tok.token_text(lp.token_id)
         tokens.append(text)

@@ -41,7 +41,8 @@ class ServerProcess:
         return f"{self.url}/v1"
 
     def log_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 600) -> ServerProcess:

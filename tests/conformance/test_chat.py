@@ -1,0 +1,215 @@
+"""/v1/chat/completions through the official openai SDK, sync and async, against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+from openai.types.chat import ChatCompletion
+
+from tests.conftest import MODEL
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_answers_a_real_question(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.object == "chat.completion"
+    assert r.model == MODEL
+    assert r.id.startswith("chatcmpl-")
+
+
+def test_raw_response_matches_openai_schema(http: httpx.Client) -> None:
+    raw = http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": FRANCE, "max_tokens": 5, "temperature": 0},
+    )
+    assert raw.status_code == 200
+    assert raw.headers["content-type"].startswith("application/json")
+    data = raw.json()
+    ChatCompletion.model_validate(data)
+    choice = data["choices"][0]
+    assert choice["logprobs"] is None  # OpenAI sends an explicit null here
+    assert set(choice["message"]) == {"role", "content", "refusal"}
+    # object-typed fields are omitted when absent, never null
+    assert "prompt_tokens_details" not in data["usage"]
+    assert all(v is not None for v in data["usage"].values())
+
+
+def test_usage_arithmetic(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=7, temperature=0.8, seed=1, n=2)
+    u = r.usage
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    # the prompt is counted once for n choices; completion tokens add up over choices
+    single = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=1)
+    assert u.prompt_tokens == single.usage.prompt_tokens
+    assert u.completion_tokens <= 14
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
+def test_max_tokens_gives_length_finish(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=3
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count from one to fifty."}], max_completion_tokens=4
+    )
+    assert r.usage.completion_tokens == 4
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_system_message_and_text_parts(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "You answer with one word."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]},
+        ],
+        temperature=0,
+        max_tokens=10,
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_system_message_changes_the_prompt(client: openai.OpenAI) -> None:
+    base = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=1)
+    sys = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *FRANCE], max_tokens=1
+    )
+    dev = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "Be brief."}, *FRANCE], max_tokens=1
+    )
+    # a system message replaces the template's default system prompt; developer means system
+    assert sys.usage.prompt_tokens != base.usage.prompt_tokens
+    assert dev.usage.prompt_tokens == sys.usage.prompt_tokens
+
+
+def test_multi_turn_history(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada!"},
+            {"role": "user", "content": "What is my name?"},
+        ],
+        temperature=0,
+        max_tokens=15,
+    )
+    assert "Ada" in r.choices[0].message.content
+
+
+def test_n_choices_are_indexed_and_differ(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name an animal."}], n=4, temperature=1.0, seed=3, max_tokens=8
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert len({c.message.content for c in r.choices}) > 1
+
+
+def test_seed_repeats_exactly(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a fun fact."}], temperature=1.0, max_tokens=12)
+    a = client.chat.completions.create(seed=42, **kw)
+    b = client.chat.completions.create(seed=42, **kw)
+    c = client.chat.completions.create(seed=7, **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.content != c.choices[0].message.content
+
+
+def test_stop_string_and_list(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=20)
+    text = full.choices[0].message.content
+    assert "Paris" in text
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=20, stop="Paris")
+    assert r.choices[0].message.content == text[: text.index("Paris")]
+    assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=20, stop=["zzz", "France"])
+    assert "France" not in r.choices[0].message.content
+    assert r.choices[0].message.content == text[: text.index("France")]
+
+
+def test_sampling_fields_are_applied(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Write a sentence about cats."}], max_tokens=12, seed=5)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    # top_k=1 and a tiny top_p both make sampling greedy, whatever the temperature
+    assert client.chat.completions.create(temperature=1.5, extra_body={"top_k": 1}, **kw).choices[0].message.content == greedy
+    assert client.chat.completions.create(temperature=1.5, top_p=1e-6, **kw).choices[0].message.content == greedy
+    hot = client.chat.completions.create(temperature=1.5, **kw).choices[0].message.content
+    assert hot != greedy
+    # penalties and the vLLM extras are accepted and change what is generated
+    rep = "Repeat the word 'cat' twenty times."
+    plain = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": rep}], temperature=0, max_tokens=20
+    ).choices[0].message.content
+    penalised = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": rep}], temperature=0, max_tokens=20,
+        frequency_penalty=2.0, presence_penalty=2.0,
+    ).choices[0].message.content
+    assert penalised != plain
+    extra = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": rep}], temperature=0, max_tokens=20,
+        extra_body={"repetition_penalty": 1.8, "min_p": 0.1},
+    ).choices[0].message.content
+    assert extra != plain
+
+
+def test_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    # one entry per generated token of the text (the end-of-turn token is not in the text)
+    eos = 1 if r.choices[0].finish_reason == "stop" else 0
+    assert len(content) == r.usage.completion_tokens - eos
+    text = r.choices[0].message.content
+    # the bytes of the tokens rebuild the text exactly
+    assert b"".join(bytes(t.bytes) for t in content).decode() == text
+    for t in content:
+        assert t.logprob <= 0
+        assert len(t.top_logprobs) == 3
+        lps = [x.logprob for x in t.top_logprobs]
+        assert lps == sorted(lps, reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert t.top_logprobs[0].token == t.token
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
+
+
+def test_logprobs_without_top(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=3, logprobs=True)
+    assert all(t.top_logprobs == [] for t in r.choices[0].logprobs.content)
+    assert len(r.choices[0].logprobs.content) == 3
+
+
+def test_user_field_is_accepted(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=2, user="user-1234")
+    assert r.usage.completion_tokens == 2
+
+
+def test_response_format_text_is_a_no_op(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=FRANCE, max_tokens=20, temperature=0, response_format={"type": "text"}
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+async def test_async_client_concurrent(aclient: openai.AsyncOpenAI) -> None:
+    questions = ["What is the capital of France?", "What is 2+2?", "Name a color.", "Say hello."]
+    results = await asyncio.gather(
+        *(
+            aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=10
+            )
+            for q in questions
+        )
+    )
+    assert "Paris" in results[0].choices[0].message.content
+    assert all(r.choices[0].message.content for r in results)
+    assert len({r.id for r in results}) == 4

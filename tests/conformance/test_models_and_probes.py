@@ -1,0 +1,42 @@
+"""/v1/models, the health probes and the root page."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+from openai.types import Model
+
+from tests.conftest import MODEL
+
+
+def test_list_models(client: openai.OpenAI, http: httpx.Client) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    raw = http.get("/v1/models").json()
+    assert raw["object"] == "list"
+    card = raw["data"][0]
+    Model.model_validate(card)
+    assert card["object"] == "model" and card["owned_by"] and isinstance(card["created"], int)
+    assert card["engine"] in ("vllm", "transformers")
+    assert card["max_model_len"] == 8192
+
+
+def test_retrieve_model(client: openai.OpenAI) -> None:
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.object == "model"
+
+
+def test_probes(http: httpx.Client) -> None:
+    health = http.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ready"
+    assert http.get("/ready").status_code == 200
+    assert http.get("/live").json() == {"status": "alive"}
+
+
+def test_root_says_what_it_is(http: httpx.Client) -> None:
+    r = http.get("/").json()
+    assert r["name"] == "llm-service" and r["model"] == MODEL
+    assert "POST /v1/chat/completions" in r["routes"]
+    assert http.get(r["docs"]).status_code == 200
+    assert http.get(r["openapi"]).json()["info"]["title"] == "llm-service"
