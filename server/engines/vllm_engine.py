@@ -7,6 +7,7 @@ vLLM's.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -84,9 +85,11 @@ class VLLMEngine:
         """Build the engine (blocking: loads weights, profiles memory, warms up)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(engine_args(model_path, settings))
-        max_len = int(llm.vllm_config.model_config.max_model_len)
-        return cls(llm, EngineInfo(name="vllm", max_model_len=max_len))
+        # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
+        # frame alive, and shutdown() must be able to drop the last reference (see there).
+        engine = cls(AsyncLLM.from_engine_args(engine_args(model_path, settings)), EngineInfo("vllm", 0))
+        engine.info = EngineInfo(name="vllm", max_model_len=int(engine.llm.vllm_config.model_config.max_model_len))
+        return engine
 
     def attach_to_loop(self) -> None:
         """Start the output-reading task on the serving event loop.
@@ -177,4 +180,11 @@ class VLLMEngine:
         return int(self.llm.get_num_unfinished_requests())
 
     async def shutdown(self) -> None:
-        self.llm.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; let it run now, not during interpreter teardown
+        # when the module globals it calls are already gone (a TypeError traceback on exit)
+        del llm
+        gc.collect()
