@@ -12,7 +12,7 @@ from server import __version__
 from server.config import DEFAULT_MODEL_NAME, DTYPES, ENGINES, Settings, SettingsError
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",

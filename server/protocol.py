@@ -177,8 +177,10 @@ class CompletionRequest(_SamplingFields):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [[int(x) for x in p if isinstance(x, int)]]
+        if all(isinstance(x, str) for x in p):
+            return [str(x) for x in p]
+        return [[int(t) for t in x] for x in p if isinstance(x, list)]
 
 
 # --------------------------------------------------------------------------- responses

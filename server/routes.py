@@ -333,7 +333,10 @@ async def _chat_stream(
 def _completion_logprobs(
     tok: Tokenizer, items: Sequence[TokenLogprobs | None], offset: int
 ) -> CompletionLogprobs:
-    tokens, token_lps, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for lp in items:
         if lp is None or lp.token_id in tok.special_ids:  # not part of the text
             continue
