@@ -38,7 +38,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check server clients benchmarks tests
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 clean:

@@ -195,6 +195,13 @@ def _max_tokens(prompt_len: int, requested: int | None, limit: int, default: int
     return requested
 
 
+def _check_logprobs(request: Request, wanted: int | None, param: str) -> None:
+    # checked before a stream starts: the engine would refuse it only after the 200 went out
+    limit = request.app.state.server.settings.max_logprobs
+    if wanted is not None and wanted > limit:
+        raise InvalidRequest(f"Invalid value for '{param}': this server allows at most {limit}.", param=param)
+
+
 def _spec(body: _SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingSpec:
     return SamplingSpec(
         max_tokens=max_tokens,
@@ -272,6 +279,7 @@ async def chat_completions(request: Request) -> Response:
     limit = served.engine.info.max_model_len
     max_tokens = _max_tokens(len(prompt_ids), body.requested_max_tokens(), limit, None, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
+    _check_logprobs(request, top, "top_logprobs")
     spec = _spec(body, max_tokens, top, None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
@@ -391,6 +399,7 @@ async def completions(request: Request) -> Response:
         _max_tokens(len(ids), body.max_tokens, limit, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
         for ids, _ in prompts
     )
+    _check_logprobs(request, body.logprobs, "logprobs")
     echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
     spec = _spec(body, max_tokens, body.logprobs, echo_lps)
     rid = f"cmpl-{uuid.uuid4().hex}"

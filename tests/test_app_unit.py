@@ -148,3 +148,15 @@ def test_chat_template_is_the_models_own(tokenizer: Tokenizer) -> None:
     ids = tokenizer.chat_prompt([{"role": "user", "content": "hi"}])
     text = tokenizer.hf.decode(ids)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_logprobs_above_the_servers_limit_are_refused_before_streaming(tokenizer: Tokenizer, engine: FakeEngine) -> None:
+    app = create_app(Settings(max_logprobs=2), loader=lambda s: _served(tokenizer, engine))
+    with TestClient(app) as c:
+        while c.get("/health").status_code != 200:
+            time.sleep(0.01)
+        r = c.post("/v1/chat/completions", json={**CHAT, "stream": True, "logprobs": True, "top_logprobs": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+        assert c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).status_code == 200
