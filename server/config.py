@@ -55,7 +55,7 @@ class Settings:
     pipeline_parallel_size: int = 1
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    enforce_eager: bool | None = None  # None: on for CPU (see vllm_engine), off for GPU
+    enforce_eager: bool = False
     seed: int = 0
     max_logprobs: int = 20
 

@@ -82,6 +82,7 @@ class _SamplingFields(_Request):
     top_k: int | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None  # no end-of-sequence before this many
 
     @model_validator(mode="after")
     def _check_common(self) -> _SamplingFields:
@@ -89,6 +90,8 @@ class _SamplingFields(_Request):
             raise InvalidRequest(
                 "Invalid value for 'top_k': must be -1 or 0 (disabled) or at least 1.", param="top_k"
             )
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequest("Invalid value for 'min_tokens': must not exceed 'max_tokens'.", param="min_tokens")
         stops = self.stop_list()
         if len(stops) > MAX_STOP_SEQUENCES:
             raise InvalidRequest(

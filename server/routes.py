@@ -213,6 +213,7 @@ def _spec(body: _SamplingFields, max_tokens: int, logprobs: int | None, prompt_l
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed,
+        min_tokens=min(body.min_tokens or 0, max_tokens),
         stop=tuple(body.stop_list()),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,

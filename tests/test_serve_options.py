@@ -16,7 +16,7 @@ from tests.server_process import ServerProcess
 def named_server() -> Iterator[ServerProcess]:
     folder = models.resolve(Settings())  # the default model, as a plain local HF folder
     proc = ServerProcess("--model", str(folder), "--served-model-name", "team-chat", "--max-model-len", "512",
-                         "--max-num-seqs", "4", "--kv-cache-space", "1", name="named")
+                         "--max-num-seqs", "4", "--kv-cache-space", "1", "--enforce-eager", name="named")
     try:
         yield proc.wait_ready()
     finally:

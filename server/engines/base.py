@@ -25,6 +25,7 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_tokens: int = 0  # end-of-sequence is not allowed before this many tokens
     stop: tuple[str, ...] = ()
     # None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely alternatives
     logprobs: int | None = None

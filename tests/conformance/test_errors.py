@@ -40,6 +40,8 @@ def _error(r: httpx.Response, status: int) -> dict:
         ("top_k", -5),
         ("min_p", 2),
         ("repetition_penalty", 0),
+        ("min_tokens", 3),
+        ("min_tokens", -1),
         ("stop", ["a", "b", "c", "d", "e"]),
         ("seed", "abc"),
         ("messages", []),

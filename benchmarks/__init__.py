@@ -1,0 +1,1 @@
+"""Load generation and comparisons against peer servers."""

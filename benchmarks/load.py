@@ -1,0 +1,215 @@
+"""Load generator for any OpenAI-compatible server: streams requests and reports what serving
+people compare (throughput, TTFT, TPOT, inter-token latency, end-to-end latency, errors).
+
+    python -m benchmarks.load --base-url http://localhost:8000/v1 --concurrency 16 --requests 64 \
+        --prompt-tokens 128 --output-tokens 128 --json benchmarks/results/run.json
+
+Every request streams (TTFT and inter-token latency need it). `max_tokens` is the output length;
+`min_tokens` (a vLLM extension that forces the full length) is sent only with --min-tokens, so a
+peer without it is still measured. Prompts are seeded random words and every request carries its
+own seed, so two servers on the same engine are sent, and generate, the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+from tqdm import tqdm
+
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question work government "
+    "number night point home water room mother area money story fact month lot right study book "
+    "eye job word business issue side kind head house service friend father power hour game line"
+).split()
+
+
+@dataclass
+class Sample:
+    ok: bool
+    status: int | None = None
+    ttft: float | None = None
+    e2e: float | None = None
+    output_tokens: int = 0
+    itls: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    base_url: str
+    model: str
+    concurrency: int | None
+    rate: float | None
+    requests: int
+    duration_s: float
+    ok: int
+    errors: dict[str, int]
+    request_throughput: float
+    output_throughput: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+    settings: dict[str, Any]
+
+
+def make_prompt(rng: random.Random, words: int) -> str:
+    body = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"Write a long story that uses these words: {body}"
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+
+    return {"mean": statistics.fmean(xs) * 1000, "p50": q(0.50), "p90": q(0.90), "p99": q(0.99)}
+
+
+async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, prompt: str, seed: int) -> Sample:
+    extra: dict[str, Any] = {}
+    if args.min_tokens:
+        extra["min_tokens"] = args.output_tokens
+    start = time.perf_counter()
+    last = start
+    s = Sample(ok=False)
+    try:
+        if args.route == "chat":
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.output_tokens,
+                temperature=args.temperature, seed=seed, stream=True, stream_options={"include_usage": True},
+                extra_body=extra or None,
+            )
+        else:
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=args.output_tokens, temperature=args.temperature,
+                seed=seed, stream=True, stream_options={"include_usage": True}, extra_body=extra or None,
+            )
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices:
+                c = chunk.choices[0]
+                piece = c.delta.content if args.route == "chat" else c.text  # type: ignore[union-attr]
+                if piece:
+                    if s.ttft is None:
+                        s.ttft = now - start
+                    else:
+                        s.itls.append(now - last)
+                    last = now
+            if chunk.usage:
+                s.output_tokens = chunk.usage.completion_tokens
+        s.e2e = time.perf_counter() - start
+        s.ok = True
+        s.status = 200
+    except openai.APIStatusError as e:
+        s.status = e.status_code
+    except openai.APIError:
+        s.status = None
+    return s
+
+
+async def run(args: argparse.Namespace) -> Report:
+    client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
+    model = args.model or (await client.models.list()).data[0].id
+    rng = random.Random(args.seed)
+    prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(args.requests + args.warmup)]
+    for i, p in enumerate(prompts[: args.warmup]):
+        await one_request(client, args, model, p, args.seed + i)
+    prompts = prompts[args.warmup:]
+
+    samples: list[Sample] = []
+    bar = tqdm(total=len(prompts), desc=f"{args.route} c={args.concurrency or '-'} rate={args.rate or '-'}", unit="req", leave=False)
+    sem = asyncio.Semaphore(args.concurrency or len(prompts))
+
+    async def worker(prompt: str, seed: int) -> None:
+        async with sem:
+            samples.append(await one_request(client, args, model, prompt, seed))
+            bar.update(1)
+
+    started = time.perf_counter()
+    tasks = []
+    for i, p in enumerate(prompts):
+        # per-request seeds: two servers on the same engine generate the same text
+        tasks.append(asyncio.create_task(worker(p, args.seed + args.warmup + i)))
+        if args.rate:  # Poisson arrivals
+            await asyncio.sleep(rng.expovariate(args.rate))
+    await asyncio.gather(*tasks)
+    duration = time.perf_counter() - started
+    bar.close()
+    await client.close()
+
+    ok = [s for s in samples if s.ok]
+    tpots = [(s.e2e - s.ttft) / (s.output_tokens - 1) for s in ok if s.e2e and s.ttft and s.output_tokens > 1]
+    return Report(
+        base_url=args.base_url, model=model, concurrency=args.concurrency, rate=args.rate,
+        requests=len(samples), duration_s=duration, ok=len(ok),
+        errors=dict(Counter(str(s.status) for s in samples if not s.ok)),
+        request_throughput=len(ok) / duration,
+        output_throughput=sum(s.output_tokens for s in ok) / duration,
+        ttft_ms=_pcts([s.ttft for s in ok if s.ttft is not None]),
+        tpot_ms=_pcts(tpots),
+        itl_ms=_pcts([x for s in ok for x in s.itls]),
+        e2e_ms=_pcts([s.e2e for s in ok if s.e2e is not None]),
+        settings={k: v for k, v in vars(args).items() if k not in {"api_key", "json"}},
+    )
+
+
+def summary(r: Report) -> str:
+    def row(name: str, d: dict[str, float]) -> str:
+        return f"  {name:<5} " + "  ".join(f"{k} {v:8.1f}" for k, v in d.items()) + "  (ms)"
+
+    return "\n".join([
+        f"{r.base_url}  model={r.model}  requests={r.requests} ok={r.ok} errors={r.errors or 0}  in {r.duration_s:.1f}s",
+        f"  throughput: {r.request_throughput:.2f} req/s, {r.output_throughput:.1f} output tok/s",
+        row("TTFT", r.ttft_ms), row("TPOT", r.tpot_ms), row("ITL", r.itl_ms), row("E2E", r.e2e_ms),
+    ])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://localhost:8000/v1")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--model", default=None, help="default: the first model the server lists")
+    p.add_argument("--route", choices=["chat", "completions"], default="chat")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=None, help="requests in flight at once (default 16)")
+    load.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests per second")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt length in words (about one token each)")
+    p.add_argument("--output-tokens", type=int, default=128, help="max_tokens of every request")
+    p.add_argument("--min-tokens", action="store_true", help="also send min_tokens=output-tokens (vLLM extension)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Report:
+    args = parser().parse_args(argv)
+    if args.concurrency is None and args.rate is None:
+        args.concurrency = 16
+    report = asyncio.run(run(args))
+    print(summary(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

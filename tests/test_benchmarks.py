@@ -1,0 +1,39 @@
+"""A short load run against a live server: the report adds up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.server_process import ROOT, ServerProcess
+
+
+def test_short_load_run(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--base-url", server.base_url, "--concurrency", "3",
+         "--requests", "6", "--warmup", "1", "--prompt-tokens", "20", "--output-tokens", "12", "--min-tokens",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "output tok/s" in r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["requests"] == rep["ok"] == 6 and rep["errors"] == {}
+    # min_tokens makes every answer exactly the asked length
+    assert abs(rep["output_throughput"] * rep["duration_s"] - 6 * 12) < 1e-6
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert 0 < rep[metric]["p50"] <= rep[metric]["p99"]
+    assert rep["ttft_ms"]["p50"] < rep["e2e_ms"]["p50"]
+
+
+def test_completions_route_and_rate_mode(server: ServerProcess) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--base-url", server.base_url, "--route", "completions",
+         "--rate", "20", "--requests", "4", "--warmup", "0", "--prompt-tokens", "10", "--output-tokens", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "requests=4 ok=4" in r.stdout
