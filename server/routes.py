@@ -42,6 +42,7 @@ from server.protocol import (
     Delta,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -126,6 +127,7 @@ class _Job:
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     echoed: bool = False  # completions `echo`: the prompt went out with the first event
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache supplied
 
 
 async def _generate_all(engine: Engine, jobs: Sequence[_Job]) -> AsyncIterator[tuple[_Job, TokenEvent]]:
@@ -169,6 +171,8 @@ async def _generate_all(engine: Engine, jobs: Sequence[_Job]) -> AsyncIterator[t
 
 def _track(job: _Job, event: TokenEvent) -> None:
     job.tokens += len(event.token_ids)
+    if event.cached_tokens is not None and job.cached_tokens is None:
+        job.cached_tokens = event.cached_tokens
     if event.logprobs:
         job.logprobs.extend(event.logprobs)
     if event.finish_reason is not None:
@@ -232,14 +236,27 @@ def _jobs(prompts: list[tuple[list[int], str]], n: int, spec: SamplingSpec, base
 
 
 def _usage(jobs: Sequence[_Job]) -> Usage:
-    # a prompt is counted once however many choices it has, as OpenAI bills it
-    prompt = sum(len(j.prompt_ids) for j in {id(j.prompt_ids): j for j in jobs}.values())
+    # a prompt is counted once however many choices it has, as OpenAI bills it: by its first choice
+    firsts: dict[int, _Job] = {}
+    for j in jobs:
+        firsts.setdefault(id(j.prompt_ids), j)
+    prompt = sum(len(j.prompt_ids) for j in firsts.values())
     completion = sum(j.tokens for j in jobs)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = [j.cached_tokens for j in firsts.values()]
+    details = None if None in cached else PromptTokensDetails(cached_tokens=sum(c or 0 for c in cached))
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )
 
 
 def _dump(model: BaseModel) -> str:
     return model.model_dump_json()
+
+
+def _envelope(served: Served, request_id: str) -> dict[str, Any]:
+    """The fields every response object and chunk of one request shares."""
+    return {"id": request_id, "created": int(time.time()), "model": served.name, "system_fingerprint": served.fingerprint}
 
 
 # --------------------------------------------------------------------------- chat
@@ -284,14 +301,13 @@ async def chat_completions(request: Request) -> Response:
     spec = _spec(body, max_tokens, top, None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
-    created = int(time.time())
-
+    head = _envelope(served, rid)
     if body.stream:
-        return sse.stream(_chat_stream(served, body, jobs, rid, created))
-    return await _unless_disconnected(request, _chat_full(served, body, jobs, rid, created))
+        return sse.stream(_chat_stream(served, body, jobs, head))
+    return await _unless_disconnected(request, _chat_full(served, body, jobs, head))
 
 
-async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], rid: str, created: int) -> Response:
+async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any]) -> Response:
     texts = [""] * len(jobs)
     async for job, event in _generate_all(served.engine, jobs):
         texts[job.index] += event.text
@@ -305,23 +321,15 @@ async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Jo
         )
         for job in jobs
     ]
-    result = ChatCompletion(
-        id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
-        choices=choices, usage=_usage(jobs),
-    )
+    result = ChatCompletion(**head, choices=choices, usage=_usage(jobs))
     return Response(_dump(result), media_type="application/json")
 
 
 async def _chat_stream(
-    served: Served, body: ChatCompletionRequest, jobs: list[_Job], rid: str, created: int
+    served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any]
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return _dump(
-            ChatCompletionChunk(
-                id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
-                choices=choices, usage=usage,
-            )
-        )
+        return _dump(ChatCompletionChunk(**head, choices=choices, usage=usage))
 
     for job in jobs:
         yield chunk([ChatChunkChoice(index=job.index, delta=Delta(role="assistant", content=""))])
@@ -405,10 +413,10 @@ async def completions(request: Request) -> Response:
     spec = _spec(body, max_tokens, body.logprobs, echo_lps)
     rid = f"cmpl-{uuid.uuid4().hex}"
     jobs = _jobs(prompts, body.n or 1, spec, rid)
-    created = int(time.time())
+    head = _envelope(served, rid)
     if body.stream:
-        return sse.stream(_completion_stream(served, body, jobs, rid, created))
-    return await _unless_disconnected(request, _completion_full(served, body, jobs, rid, created))
+        return sse.stream(_completion_stream(served, body, jobs, head))
+    return await _unless_disconnected(request, _completion_full(served, body, jobs, head))
 
 
 def _completion_piece(
@@ -428,7 +436,7 @@ def _completion_piece(
     return text, logprobs
 
 
-async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], rid: str, created: int) -> Response:
+async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any]) -> Response:
     texts = [""] * len(jobs)
     lps: list[CompletionLogprobs | None] = [None] * len(jobs)
     async for job, event in _generate_all(served.engine, jobs):
@@ -446,23 +454,15 @@ async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_
         )
         for job in jobs
     ]
-    result = Completion(
-        id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
-        choices=choices, usage=_usage(jobs),
-    )
+    result = Completion(**head, choices=choices, usage=_usage(jobs))
     return Response(_dump(result), media_type="application/json")
 
 
 async def _completion_stream(
-    served: Served, body: CompletionRequest, jobs: list[_Job], rid: str, created: int
+    served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any]
 ) -> AsyncIterator[str]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return _dump(
-            Completion(
-                id=rid, created=created, model=served.name, system_fingerprint=served.fingerprint,
-                choices=choices, usage=usage,
-            )
-        )
+        return _dump(Completion(**head, choices=choices, usage=usage))
 
     sent = [0] * len(jobs)  # characters sent per choice, for text_offset
     async for job, event in _generate_all(served.engine, jobs):

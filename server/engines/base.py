@@ -56,6 +56,8 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" on the last event
     # set on the first event when prompt logprobs were asked for (first entry: None)
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    # set on the first event by engines that cache prompt prefixes: prompt tokens not recomputed
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

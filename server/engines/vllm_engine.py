@@ -146,6 +146,7 @@ class VLLMEngine:
         try:
             async for out in stream:
                 seq = out.outputs[0]
+                cached = out.num_cached_tokens if first else None
                 prompt_lps = None
                 if first and spec.prompt_logprobs is not None and out.prompt_logprobs is not None:
                     prompt_lps = tuple(
@@ -170,6 +171,7 @@ class VLLMEngine:
                     logprobs=logprobs,
                     finish_reason=reason,
                     prompt_logprobs=prompt_lps,
+                    cached_tokens=cached,
                 )
         except VLLMValidationError as e:
             raise InvalidRequest(str(e), param=getattr(e, "parameter", None)) from e

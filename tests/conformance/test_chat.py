@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import openai
+import pytest
 from openai.types.chat import ChatCompletion
 
 from tests.conftest import MODEL
@@ -35,9 +36,11 @@ def test_raw_response_matches_openai_schema(http: httpx.Client) -> None:
     choice = data["choices"][0]
     assert choice["logprobs"] is None  # OpenAI sends an explicit null here
     assert set(choice["message"]) == {"role", "content", "refusal"}
-    # object-typed fields are omitted when absent, never null
-    assert "prompt_tokens_details" not in data["usage"]
+    # object-typed fields are objects when present, never null
     assert all(v is not None for v in data["usage"].values())
+    details = data["usage"].get("prompt_tokens_details")
+    if details is not None:
+        assert 0 <= details["cached_tokens"] <= data["usage"]["prompt_tokens"]
 
 
 def test_usage_arithmetic(client: openai.OpenAI) -> None:
@@ -49,6 +52,17 @@ def test_usage_arithmetic(client: openai.OpenAI) -> None:
     assert u.prompt_tokens == single.usage.prompt_tokens
     assert u.completion_tokens <= 14
     assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
+def test_repeated_prompt_reports_cached_tokens(client: openai.OpenAI) -> None:
+    if client.models.retrieve(MODEL).model_extra["engine"] != "vllm":
+        pytest.skip("prefix caching is a vLLM engine feature")
+    long = [{"role": "user", "content": "Remember this list: " + ", ".join(f"item {i}" for i in range(150))}]
+    first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, seed=0)
+    again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, seed=0)
+    assert first.usage.prompt_tokens == again.usage.prompt_tokens > 400
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached <= again.usage.prompt_tokens
 
 
 def test_max_tokens_gives_length_finish(client: openai.OpenAI) -> None:
