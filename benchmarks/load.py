@@ -87,6 +87,7 @@ async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, mode
     last = start
     s = Sample(ok=False)
     try:
+        stream: Any
         if args.route == "chat":
             stream = await client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.output_tokens,
@@ -102,7 +103,7 @@ async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, mode
             now = time.perf_counter()
             if chunk.choices:
                 c = chunk.choices[0]
-                piece = c.delta.content if args.route == "chat" else c.text  # type: ignore[union-attr]
+                piece = c.delta.content if args.route == "chat" else c.text
                 if piece:
                     if s.ttft is None:
                         s.ttft = now - start

@@ -95,11 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"llm-service {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    # these two parse their own flags (see `llm-service chat --help`, `llm-service bench --help`)
+    sub.add_parser("chat", help="streaming terminal chat with any OpenAI-compatible server", add_help=False)
+    sub.add_parser("bench", help="load benchmark against any OpenAI-compatible server", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "chat":
+        from clients import chat
+
+        return chat.main(rest)
+    if args.command == "bench":
+        from benchmarks import load
+
+        load.main(rest)
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _serve(args)
 
 
 # vLLM starts its engine in a child process: the guard keeps that child from serving again
