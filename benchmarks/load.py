@@ -61,6 +61,9 @@ class Report:
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
     settings: dict[str, Any]
+    # raw per-request values (seconds), for latency CDFs
+    ttft_s: list[float] = field(default_factory=list)
+    e2e_s: list[float] = field(default_factory=list)
 
 
 def make_prompt(rng: random.Random, words: int) -> str:
@@ -122,7 +125,8 @@ async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, mode
     return s
 
 
-async def run(args: argparse.Namespace) -> Report:
+async def run(args: argparse.Namespace, concurrency: int | None) -> Report:
+    """One load run at a fixed concurrency (or, with concurrency None, at --rate)."""
     client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
     model = args.model or (await client.models.list()).data[0].id
     rng = random.Random(args.seed)
@@ -132,8 +136,8 @@ async def run(args: argparse.Namespace) -> Report:
     prompts = prompts[args.warmup:]
 
     samples: list[Sample] = []
-    bar = tqdm(total=len(prompts), desc=f"{args.route} c={args.concurrency or '-'} rate={args.rate or '-'}", unit="req", leave=False)
-    sem = asyncio.Semaphore(args.concurrency or len(prompts))
+    bar = tqdm(total=len(prompts), desc=f"{args.route} c={concurrency or '-'} rate={args.rate or '-'}", unit="req", leave=False)
+    sem = asyncio.Semaphore(concurrency or len(prompts))
 
     async def worker(prompt: str, seed: int) -> None:
         async with sem:
@@ -155,7 +159,7 @@ async def run(args: argparse.Namespace) -> Report:
     ok = [s for s in samples if s.ok]
     tpots = [(s.e2e - s.ttft) / (s.output_tokens - 1) for s in ok if s.e2e and s.ttft and s.output_tokens > 1]
     return Report(
-        base_url=args.base_url, model=model, concurrency=args.concurrency, rate=args.rate,
+        base_url=args.base_url, model=model, concurrency=concurrency, rate=args.rate,
         requests=len(samples), duration_s=duration, ok=len(ok),
         errors=dict(Counter(str(s.status) for s in samples if not s.ok)),
         request_throughput=len(ok) / duration,
@@ -164,7 +168,9 @@ async def run(args: argparse.Namespace) -> Report:
         tpot_ms=_pcts(tpots),
         itl_ms=_pcts([x for s in ok for x in s.itls]),
         e2e_ms=_pcts([s.e2e for s in ok if s.e2e is not None]),
-        settings={k: v for k, v in vars(args).items() if k not in {"api_key", "json"}},
+        settings={k: v for k, v in vars(args).items() if k not in {"api_key", "json", "plot"}},
+        ttft_s=[s.ttft for s in ok if s.ttft is not None],
+        e2e_s=[s.e2e for s in ok if s.e2e is not None],
     )
 
 
@@ -172,8 +178,9 @@ def summary(r: Report) -> str:
     def row(name: str, d: dict[str, float]) -> str:
         return f"  {name:<5} " + "  ".join(f"{k} {v:8.1f}" for k, v in d.items()) + "  (ms)"
 
+    load = f"concurrency={r.concurrency}" if r.concurrency else f"rate={r.rate}/s"
     return "\n".join([
-        f"{r.base_url}  model={r.model}  requests={r.requests} ok={r.ok} errors={r.errors or 0}  in {r.duration_s:.1f}s",
+        f"{r.base_url}  model={r.model}  {load}  requests={r.requests} ok={r.ok} errors={r.errors or 0}  in {r.duration_s:.1f}s",
         f"  throughput: {r.request_throughput:.2f} req/s, {r.output_throughput:.1f} output tok/s",
         row("TTFT", r.ttft_ms), row("TPOT", r.tpot_ms), row("ITL", r.itl_ms), row("E2E", r.e2e_ms),
     ])
@@ -186,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the first model the server lists")
     p.add_argument("--route", choices=["chat", "completions"], default="chat")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, default=None, help="requests in flight at once (default 16)")
+    load.add_argument("--concurrency", type=_levels, default=None,
+                      help="requests in flight at once (default 16); a list such as 1,4,16 runs a sweep")
     load.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests per second")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2)
@@ -196,20 +204,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--json", type=Path, default=None, help="write the report(s) here")
+    p.add_argument("--plot", type=Path, default=None, help="write latency CDFs (and, for a sweep, "
+                   "throughput and TTFT against concurrency) as PNG files into this folder")
     return p
 
 
-def main(argv: list[str] | None = None) -> Report:
+def _levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or any(c < 1 for c in levels):
+        raise argparse.ArgumentTypeError("concurrency levels must be positive integers, e.g. 1,4,16")
+    return levels
+
+
+def run_all(args: argparse.Namespace) -> list[Report]:
+    """Every run the arguments ask for: one per concurrency level, or one at --rate."""
+    levels: list[int | None] = list(args.concurrency) if args.concurrency else [None]
+    if args.rate is None and not args.concurrency:
+        levels = [16]
+    return [asyncio.run(run(args, c)) for c in levels]
+
+
+def main(argv: list[str] | None = None) -> list[Report]:
     args = parser().parse_args(argv)
-    if args.concurrency is None and args.rate is None:
-        args.concurrency = 16
-    report = asyncio.run(run(args))
-    print(summary(report))
+    reports = run_all(args)
+    for r in reports:
+        print(summary(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(asdict(report), indent=1))
-    return report
+        data = asdict(reports[0]) if len(reports) == 1 else {"runs": [asdict(r) for r in reports]}
+        args.json.write_text(json.dumps(data, indent=1))
+    if args.plot:
+        from benchmarks import plots
+
+        label = args.base_url
+        for path in plots.latency_cdfs({label: reports}, args.plot / "latency-cdf.png"), plots.sweep(
+            {label: reports}, args.plot / "sweep.png"
+        ):
+            if path:
+                print(f"wrote {path}")
+    return reports
 
 
 if __name__ == "__main__":

@@ -37,3 +37,31 @@ def test_completions_route_and_rate_mode(server: ServerProcess) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "requests=4 ok=4" in r.stdout
+
+
+def test_concurrency_sweep_writes_json_and_plots(server: ServerProcess, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "bench", "--base-url", server.base_url, "--concurrency", "1,2",
+         "--requests", "2", "--warmup", "0", "--prompt-tokens", "10", "--output-tokens", "6",
+         "--json", str(tmp_path / "sweep.json"), "--plot", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert [x["concurrency"] for x in runs] == [1, 2]
+    for png in ("latency-cdf.png", "sweep.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_compare_table_states_ratios() -> None:
+    from benchmarks.compare import table
+    from benchmarks.load import Report
+
+    def rep(c: int, tps: float, ttft: float, tpot: float) -> Report:
+        return Report(base_url="x", model="m", concurrency=c, rate=None, requests=4, duration_s=1, ok=4, errors={},
+                      request_throughput=4, output_throughput=tps, ttft_ms={"p50": ttft}, tpot_ms={"p50": tpot},
+                      itl_ms={}, e2e_ms={}, settings={})
+
+    md = table({"vllm": [rep(16, 100, 200, 50)], "llm-service": [rep(16, 110, 180, 50)]})
+    assert "| vllm | 16 | 110.0 / 100.0 | 1.10x | 180 / 200 | 0.90x | 50.0 / 50.0 | 1.00x |" in md
