@@ -39,15 +39,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def commands(model_path: Path, port: int, ours_args: list[str]) -> dict[str, list[str]]:
+def commands(model_path: Path, port: int, ours_args: list[str], eager: bool = False) -> dict[str, list[str]]:
     transformers_cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    eager_flag = ["--enforce-eager"] if eager else []
     return {
         "llm-service": [sys.executable, "-m", "server", "serve", "--model", str(model_path),
                         "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-                        "--kv-cache-space", str(KV_GIB), *ours_args],
+                        "--kv-cache-space", str(KV_GIB), *eager_flag, *ours_args],
         "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
                  "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-                 "--kv-cache-memory-bytes", str(KV_GIB << 30), "--no-enable-chunked-prefill"],
+                 "--kv-cache-memory-bytes", str(KV_GIB << 30), "--no-enable-chunked-prefill", *eager_flag],
         "transformers": [transformers_cli, "serve", str(model_path), "--continuous-batching",
                          "--host", "127.0.0.1", "--port", str(port)],
     }
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=None, help="HF folder (default: the embedded default model)")
     p.add_argument("--ours-args", default="", help="extra `llm-service serve` flags, as one string")
+    p.add_argument("--enforce-eager", action="store_true", help="both vLLM servers without torch.compile (fast starts)")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[load.Report]] = {}
     for name in [*peers, "llm-service"]:  # the peers first: ours runs last, on a machine no cooler
         port = _free_port()
-        cmd = commands(args.model, port, args.ours_args.split())[name]
+        cmd = commands(args.model, port, args.ours_args.split(), args.enforce_eager)[name]
         try:
             results[name] = measure(name, cmd, port, args)
         except Exception as e:  # one peer failing must not lose the others' figures
