@@ -99,7 +99,8 @@ def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace) -> l
                 "--base-url", f"http://127.0.0.1:{port}/v1", "--model", model, "--concurrency", str(c),
                 "--requests", str(max(4, args.rounds * c)), "--warmup", "2",
                 "--prompt-tokens", str(args.prompt_tokens), "--output-tokens", str(args.output_tokens),
-                "--seed", str(args.seed), *(["--min-tokens"] if name != "transformers" else []),
+                "--seed", str(args.seed), "--tokenizer", str(args.model),
+                *(["--min-tokens"] if name != "transformers" else []),
             ])
             report = asyncio.run(load.run(largs, c))
             print(load.summary(report))
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", default="vllm", help="comma list of: vllm, transformers")
     p.add_argument("--concurrency", type=load._levels, default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
-    p.add_argument("--prompt-tokens", type=int, default=100)
-    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", default="100", help="N or LOW:HIGH tokens")
+    p.add_argument("--output-tokens", default="128", help="N or LOW:HIGH tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=None, help="HF folder (default: the embedded default model)")
     p.add_argument("--ours-args", default="", help="extra `llm-service serve` flags, as one string")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     plots.latency_cdfs(results, args.out / "latency-cdf.png")
     plots.sweep(results, args.out / "sweep.png")
     md = (
-        f"# llm-service vs {', '.join(peers)}\n\nModel {MODEL_NAME}; {args.prompt_tokens}-word prompts, "
+        f"# llm-service vs {', '.join(peers)}\n\nModel {MODEL_NAME}; {args.prompt_tokens}-token prompts, "
         f"{args.output_tokens} output tokens, seed {args.seed}; ratio = ours / peer (throughput: higher is "
         "better; TTFT and TPOT: lower is better).\n\n" + table(results) + "\n\n![sweep](sweep.png)\n![latency](latency-cdf.png)\n"
     )

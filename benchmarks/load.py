@@ -41,6 +41,7 @@ class Sample:
     ttft: float | None = None
     e2e: float | None = None
     output_tokens: int = 0
+    prompt_tokens: int = 0
     itls: list[float] = field(default_factory=list)
 
 
@@ -64,11 +65,52 @@ class Report:
     # raw per-request values (seconds), for latency CDFs
     ttft_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
+    # per-request token counts as the server reported them
+    prompt_token_counts: list[int] = field(default_factory=list)
+    output_token_counts: list[int] = field(default_factory=list)
 
 
-def make_prompt(rng: random.Random, words: int) -> str:
-    body = " ".join(rng.choice(WORDS) for _ in range(words))
-    return f"Write a long story that uses these words: {body}"
+@dataclass(frozen=True)
+class Length:
+    """A fixed length ("128") or a seeded uniform range ("64:256"), in tokens."""
+
+    low: int
+    high: int
+
+    def draw(self, rng: random.Random) -> int:
+        return self.low if self.low == self.high else rng.randint(self.low, self.high)
+
+
+def _length(text: str) -> Length:
+    low, _, high = text.partition(":")
+    try:
+        length = Length(int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH, not {text!r}") from None
+    if length.low < 1 or length.high < length.low:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, not {text!r}")
+    return length
+
+
+class PromptMaker:
+    """Seeded prompts of a given length: exact in tokens with the model's tokenizer (--tokenizer),
+    else in words (about one token each for these common English words)."""
+
+    def __init__(self, tokenizer_path: str | None) -> None:
+        self.tok: Any = None
+        if tokenizer_path:
+            from transformers import AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+
+    def make(self, rng: random.Random, tokens: int) -> str:
+        head = "Write a long story that uses these words:"
+        words = [rng.choice(WORDS) for _ in range(tokens)]
+        if self.tok is None:
+            return f"{head} {' '.join(words)}"
+        ids = self.tok.encode(" " + " ".join(words), add_special_tokens=False)
+        budget = max(1, tokens - len(self.tok.encode(head, add_special_tokens=False)))
+        return head + str(self.tok.decode(ids[:budget]))
 
 
 def _pcts(values: list[float]) -> dict[str, float]:
@@ -82,10 +124,12 @@ def _pcts(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs) * 1000, "p50": q(0.50), "p90": q(0.90), "p99": q(0.99)}
 
 
-async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, prompt: str, seed: int) -> Sample:
+async def one_request(
+    client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, prompt: str, seed: int, max_tokens: int
+) -> Sample:
     extra: dict[str, Any] = {}
     if args.min_tokens:
-        extra["min_tokens"] = args.output_tokens
+        extra["min_tokens"] = max_tokens
     start = time.perf_counter()
     last = start
     s = Sample(ok=False)
@@ -93,13 +137,13 @@ async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, mode
         stream: Any
         if args.route == "chat":
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.output_tokens,
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
                 temperature=args.temperature, seed=seed, stream=True, stream_options={"include_usage": True},
                 extra_body=extra or None,
             )
         else:
             stream = await client.completions.create(
-                model=model, prompt=prompt, max_tokens=args.output_tokens, temperature=args.temperature,
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=args.temperature,
                 seed=seed, stream=True, stream_options={"include_usage": True}, extra_body=extra or None,
             )
         async for chunk in stream:
@@ -115,6 +159,7 @@ async def one_request(client: openai.AsyncOpenAI, args: argparse.Namespace, mode
                     last = now
             if chunk.usage:
                 s.output_tokens = chunk.usage.completion_tokens
+                s.prompt_tokens = chunk.usage.prompt_tokens
         s.e2e = time.perf_counter() - start
         s.ok = True
         s.status = 200
@@ -130,28 +175,53 @@ async def run(args: argparse.Namespace, concurrency: int | None) -> Report:
     client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
     model = args.model or (await client.models.list()).data[0].id
     rng = random.Random(args.seed)
-    prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(args.requests + args.warmup)]
-    for i, p in enumerate(prompts[: args.warmup]):
-        await one_request(client, args, model, p, args.seed + i)
-    prompts = prompts[args.warmup:]
+    maker = PromptMaker(args.tokenizer)
+    drawn = 0
+
+    def draw() -> tuple[str, int, int]:
+        """The next request: prompt, max_tokens and its own seed (so two servers on the same
+        engine generate the same text), drawn in order from the run's seed."""
+        nonlocal drawn
+        drawn += 1
+        return maker.make(rng, args.prompt_tokens.draw(rng)), args.output_tokens.draw(rng), args.seed + drawn
+
+    for _ in range(args.warmup):
+        prompt, n, seed = draw()
+        await one_request(client, args, model, prompt, seed, n)
 
     samples: list[Sample] = []
-    bar = tqdm(total=len(prompts), desc=f"{args.route} c={concurrency or '-'} rate={args.rate or '-'}", unit="req", leave=False)
-    sem = asyncio.Semaphore(concurrency or len(prompts))
-
-    async def worker(prompt: str, seed: int) -> None:
-        async with sem:
-            samples.append(await one_request(client, args, model, prompt, seed))
-            bar.update(1)
-
+    total = None if args.duration else args.requests
+    bar = tqdm(total=total, desc=f"{args.route} c={concurrency or '-'} rate={args.rate or '-'}", unit="req", leave=False)
     started = time.perf_counter()
-    tasks = []
-    for i, p in enumerate(prompts):
-        # per-request seeds: two servers on the same engine generate the same text
-        tasks.append(asyncio.create_task(worker(p, args.seed + args.warmup + i)))
-        if args.rate:  # Poisson arrivals
+    issued = 0
+
+    def next_request() -> tuple[str, int, int] | None:
+        nonlocal issued
+        if args.duration is not None:
+            if time.perf_counter() - started >= args.duration:
+                return None
+        elif issued >= args.requests:
+            return None
+        issued += 1
+        return draw()
+
+    async def send(item: tuple[str, int, int]) -> None:
+        prompt, n, seed = item
+        samples.append(await one_request(client, args, model, prompt, seed, n))
+        bar.update(1)
+
+    if concurrency:  # a fixed number of requests in flight
+        async def worker() -> None:
+            while (item := next_request()) is not None:
+                await send(item)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:  # Poisson arrivals at --rate
+        tasks = []
+        while (item := next_request()) is not None:
+            tasks.append(asyncio.create_task(send(item)))
             await asyncio.sleep(rng.expovariate(args.rate))
-    await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks)
     duration = time.perf_counter() - started
     bar.close()
     await client.close()
@@ -168,9 +238,12 @@ async def run(args: argparse.Namespace, concurrency: int | None) -> Report:
         tpot_ms=_pcts(tpots),
         itl_ms=_pcts([x for s in ok for x in s.itls]),
         e2e_ms=_pcts([s.e2e for s in ok if s.e2e is not None]),
-        settings={k: v for k, v in vars(args).items() if k not in {"api_key", "json", "plot"}},
+        settings={k: (asdict(v) if isinstance(v, Length) else v) for k, v in vars(args).items()
+                  if k not in {"api_key", "json", "plot"}},
         ttft_s=[s.ttft for s in ok if s.ttft is not None],
         e2e_s=[s.e2e for s in ok if s.e2e is not None],
+        prompt_token_counts=[s.prompt_tokens for s in ok],
+        output_token_counts=[s.output_tokens for s in ok],
     )
 
 
@@ -196,10 +269,14 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=_levels, default=None,
                       help="requests in flight at once (default 16); a list such as 1,4,16 runs a sweep")
     load.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests per second")
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=64, help="how many requests (unless --duration)")
+    p.add_argument("--duration", type=float, default=None, help="send requests for this many seconds instead")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt length in words (about one token each)")
-    p.add_argument("--output-tokens", type=int, default=128, help="max_tokens of every request")
+    p.add_argument("--prompt-tokens", type=_length, default=Length(100, 100),
+                   help="prompt length: N or a seeded random LOW:HIGH (tokens with --tokenizer, else words)")
+    p.add_argument("--output-tokens", type=_length, default=Length(128, 128),
+                   help="max_tokens per request: N or a seeded random LOW:HIGH")
+    p.add_argument("--tokenizer", default=None, help="the model's HF folder, for prompts exact in tokens")
     p.add_argument("--min-tokens", action="store_true", help="also send min_tokens=output-tokens (vLLM extension)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.server_process import ROOT, ServerProcess
@@ -65,3 +66,42 @@ def test_compare_table_states_ratios() -> None:
 
     md = table({"vllm": [rep(16, 100, 200, 50)], "llm-service": [rep(16, 110, 180, 50)]})
     assert "| vllm | 16 | 110.0 / 100.0 | 1.10x | 180 / 200 | 0.90x | 50.0 / 50.0 | 1.00x |" in md
+
+
+def test_lengths_in_tokens_and_seeded_ranges(server: ServerProcess, tmp_path: Path) -> None:
+    from server import models
+    from server.config import Settings
+
+    folder = models.resolve(Settings())
+
+    def run(seed: int) -> dict:
+        out = tmp_path / f"len-{seed}.json"
+        r = subprocess.run(
+            [sys.executable, "-m", "benchmarks.load", "--base-url", server.base_url, "--route", "completions",
+             "--tokenizer", str(folder), "--prompt-tokens", "40", "--output-tokens", "3:9", "--min-tokens",
+             "--concurrency", "4", "--requests", "8", "--warmup", "0", "--seed", str(seed), "--json", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        return json.loads(out.read_text())
+
+    a, b = run(1), run(1)
+    assert all(38 <= n <= 42 for n in a["prompt_token_counts"]), a["prompt_token_counts"]
+    outs = a["output_token_counts"]
+    assert all(3 <= n <= 9 for n in outs) and len(set(outs)) > 1
+    # the same seed draws the same lengths (requests finish in any order, so compare as multisets)
+    assert sorted(outs) == sorted(b["output_token_counts"])
+
+
+def test_duration_mode_stops_by_itself(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "dur.json"
+    started = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.load", "--base-url", server.base_url, "--concurrency", "2",
+         "--duration", "4", "--warmup", "0", "--prompt-tokens", "10", "--output-tokens", "8", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["ok"] == rep["requests"] >= 2
+    assert 4 <= rep["duration_s"] < 15 and time.monotonic() - started < 60
