@@ -14,29 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-
 from benchmarks import load, plots
+from benchmarks.servers import ServerProcess, free_port
 
 MODEL_NAME = "smollm2-135m-instruct"
 KV_GIB = 4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def commands(model_path: Path, port: int, ours_args: list[str], eager: bool = False) -> dict[str, list[str]]:
@@ -54,38 +42,8 @@ def commands(model_path: Path, port: int, ours_args: list[str], eager: bool = Fa
     }
 
 
-class Running:
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path) -> None:
-        self.name, self.port = name, port
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see its log")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
 def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace) -> list[load.Report]:
-    server = Running(name, cmd, port, args.out / f"{name}.log")
+    server = ServerProcess(cmd, port, args.out / f"{name}.log", name=name)
     try:
         started = time.monotonic()
         server.wait_ready(args.start_timeout)
@@ -141,7 +99,7 @@ def table(results: dict[str, list[load.Report]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", default="vllm", help="comma list of: vllm, transformers")
-    p.add_argument("--concurrency", type=load._levels, default=[1, 4, 16])
+    p.add_argument("--concurrency", type=load.concurrency_levels, default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
     p.add_argument("--prompt-tokens", default="100", help="N or LOW:HIGH tokens")
     p.add_argument("--output-tokens", default="128", help="N or LOW:HIGH tokens")
@@ -161,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     results: dict[str, list[load.Report]] = {}
     for name in [*peers, "llm-service"]:  # the peers first: ours runs last, on a machine no cooler
-        port = _free_port()
+        port = free_port()
         cmd = commands(args.model, port, args.ours_args.split(), args.enforce_eager)[name]
         try:
             results[name] = measure(name, cmd, port, args)

@@ -266,7 +266,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the first model the server lists")
     p.add_argument("--route", choices=["chat", "completions"], default="chat")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=_levels, default=None,
+    load.add_argument("--concurrency", type=concurrency_levels, default=None,
                       help="requests in flight at once (default 16); a list such as 1,4,16 runs a sweep")
     load.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests per second")
     p.add_argument("--requests", type=int, default=64, help="how many requests (unless --duration)")
@@ -287,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _levels(text: str) -> list[int]:
+def concurrency_levels(text: str) -> list[int]:
     levels = [int(x) for x in text.split(",") if x.strip()]
     if not levels or any(c < 1 for c in levels):
         raise argparse.ArgumentTypeError("concurrency levels must be positive integers, e.g. 1,4,16")

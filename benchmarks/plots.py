@@ -18,6 +18,22 @@ def _pyplot() -> Any:
     return plt
 
 
+def _label(ax: Any, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(runs: dict[str, list[Report]], path: Path) -> Path:
     """TTFT and end-to-end latency CDFs, one line per server and load level."""
     plt = _pyplot()
@@ -30,16 +46,8 @@ def latency_cdfs(runs: dict[str, list[Report]], path: Path) -> Path:
                 if xs:
                     ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
     for ax, title in zip(axes, ("time to first token", "end-to-end latency"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        _label(ax, title, "seconds", "fraction of requests", legend_size=7)
+    return _save(plt, fig, path)
 
 
 def sweep(runs: dict[str, list[Report]], path: Path) -> Path | None:
@@ -54,14 +62,6 @@ def sweep(runs: dict[str, list[Report]], path: Path) -> Path | None:
         axes[0].plot(cs, [r.output_throughput for r in swept], marker="o", label=label)
         axes[1].plot(cs, [r.ttft_ms.get("p50", 0) / 1000 for r in swept], marker="o", label=label)
     for ax, title, unit in zip(axes, ("output throughput", "TTFT p50"), ("tokens/s", "seconds"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("concurrent requests")
-        ax.set_ylabel(unit)
         ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        _label(ax, title, "concurrent requests", unit, legend_size=8)
+    return _save(plt, fig, path)

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -237,11 +237,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _first_model(client: openai.OpenAI, retrying: Retrying) -> str:
-    models: Iterator[Any] = iter(retrying(client.models.list).data)
-    first = next(models, None)
-    if first is None:
+    models = retrying(client.models.list).data
+    if not models:
         raise ChatError("the server lists no models; pass --model")
-    return str(first.id)
+    return str(models[0].id)
 
 
 def main(argv: list[str] | None = None) -> int:
