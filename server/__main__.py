@@ -28,18 +28,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--host", default="0.0.0.0")
     h.add_argument("--port", type=int, default=8000)
     h.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    e = p.add_argument_group("engine (passed through to vLLM)")
-    e.add_argument("--engine", default="vllm", choices=list(ENGINES))
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", default="auto", choices=list(ENGINES),
+                   help="auto: vLLM where it is installed and supports this machine, else transformers")
     e.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     e.add_argument("--dtype", default="auto", choices=list(DTYPES))
     e.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of accelerator memory for weights + KV cache (on CPU: of RAM)")
     e.add_argument("--kv-cache-space", type=float, default=None, help="KV cache size in GiB (CPU default: min(4, RAM/4))")
     e.add_argument("--tensor-parallel-size", type=int, default=1)
     e.add_argument("--pipeline-parallel-size", type=int, default=1)
-    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one forward pass")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (transformers default: 32)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens in one forward pass (transformers: prompt tokens prefilled per step, default 1024)")
     e.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="run without torch.compile / CUDA graphs: starts ~4x faster on CPU, decodes 7-16%% slower")
+                   help="vLLM: run without torch.compile / CUDA graphs: starts ~4x faster on CPU, decodes 7-16%% slower "
+                        "(the transformers engine always runs eagerly)")
     e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
 

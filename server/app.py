@@ -52,14 +52,23 @@ class ServerState:
 
 def load_served(settings: Settings) -> Served:
     """Resolve the model source, load its tokenizer, start the engine."""
-    from server import models
-    from server.engines.vllm_engine import VLLMEngine
+    from server import engines, models
+    from server.engines.base import Engine
     from server.tokenizer import Tokenizer
 
+    name, why = engines.pick(settings.engine)
     path = models.resolve(settings)
     tokenizer = Tokenizer(path, trust_remote_code=settings.trust_remote_code)
-    log.info("starting the %s engine for %s (%s)", settings.engine, settings.model_name, path)
-    engine = VLLMEngine.start(path, settings)
+    log.info("starting the %s engine (%s) for %s (%s)", name, why, settings.model_name, path)
+    engine: Engine
+    if name == "vllm":
+        from server.engines.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine.start(path, settings)
+    else:
+        from server.engines.hf_engine import HFEngine
+
+        engine = HFEngine.start(path, settings, tokenizer)
     return Served(
         name=settings.model_name,
         engine=engine,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
-ENGINES: tuple[str, ...] = ("vllm",)
+ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
 
 
 class SettingsError(ValueError):
@@ -45,12 +45,12 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "info"
-    # engine (passed through to vLLM)
-    engine: str = "vllm"
+    # engine
+    engine: str = "auto"  # auto: vLLM where it imports and supports the machine, else transformers
     max_model_len: int | None = None
     dtype: Dtype = "auto"
     gpu_memory_utilization: float | None = None
-    kv_cache_space: float | None = None  # GiB, CPU only
+    kv_cache_space: float | None = None  # GiB
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     max_num_seqs: int | None = None

@@ -507,7 +507,8 @@ async def get_model(model_id: str, request: Request) -> Response:
 
 async def _readiness(request: Request) -> JSONResponse:
     state = request.app.state.server
-    body: dict[str, Any] = {"status": state.status, "model": state.settings.model_name, "engine": state.settings.engine}
+    engine = state.served.engine.info.name if state.served is not None else state.settings.engine
+    body: dict[str, Any] = {"status": state.status, "model": state.settings.model_name, "engine": engine}
     if state.status == "ready" and state.served is not None:
         try:
             await state.served.engine.check_health()

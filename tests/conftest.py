@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -11,14 +13,27 @@ import pytest
 from tests.server_process import ServerProcess
 
 MODEL = "smollm2-135m-instruct"
-# engines the conformance suite runs against; each gets one live server for the whole session
-ENGINES = ["vllm"]
+
+
+def _engines() -> list[str]:
+    """Engines the conformance suite runs against, each with one live server per session.
+
+    `LLM_SERVICE_TEST_ENGINES=vllm,transformers` (what CI sets) requires exactly those; without
+    it, vLLM is tested where it is installed (a `make install ENGINE=transformers` machine has
+    only the transformers engine)."""
+    if wanted := os.environ.get("LLM_SERVICE_TEST_ENGINES"):
+        return [e.strip() for e in wanted.split(",") if e.strip()]
+    return (["vllm"] if importlib.util.find_spec("vllm") else []) + ["transformers"]
+
+
+ENGINES = _engines()
+# vLLM eager: starts in ~25 s instead of ~90 s on CPU; tests assert behaviour, not speed
+ENGINE_ARGS = {"vllm": ["--enforce-eager"], "transformers": []}
 
 
 @pytest.fixture(scope="session", params=ENGINES)
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    # eager: starts in ~25 s instead of ~90 s on CPU; tests assert behaviour, not speed
-    proc = ServerProcess("--engine", request.param, "--enforce-eager", "--max-num-seqs", "16",
+    proc = ServerProcess("--engine", request.param, *ENGINE_ARGS[request.param], "--max-num-seqs", "16",
                          name=f"conformance-{request.param}")
     try:
         yield proc.wait_ready()

@@ -1,1 +1,21 @@
-"""Inference engines behind the `Engine` protocol (see base.py)."""
+"""Inference engines behind the `Engine` protocol (see base.py), and `--engine auto`'s choice."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def pick(requested: str) -> tuple[str, str]:
+    """The engine to start for `--engine requested`, and why (logged at start)."""
+    if requested != "auto":
+        return requested, "asked for with --engine"
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers", "vLLM is not installed"
+    try:
+        from vllm.platforms import current_platform
+    except Exception as e:  # a broken or mismatched vLLM install: say so, serve anyway
+        return "transformers", f"vLLM is installed but does not import ({type(e).__name__}: {e})"
+    kind = getattr(current_platform, "device_type", "") or ""
+    if not kind:
+        return "transformers", "vLLM supports no device on this machine"
+    return "vllm", f"vLLM imports and supports this machine's {kind}"

@@ -191,3 +191,30 @@ def test_sdk_stream_close_aborts(client: openai.OpenAI, server: ServerProcess) -
             break
     stream.close()
     _wait_running(server, 0, timeout=5)
+
+
+def test_stop_string_split_across_tokens_never_leaks_into_a_stream(client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=20)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    stop = "apital of Fr"  # starts inside the token " capital" and ends inside " France"
+    assert stop in text, text
+    chunks = list(client.chat.completions.create(stream=True, stop=stop, **kw))
+    parts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(parts) == text[: text.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+async def test_concurrent_answers_equal_answers_alone(aclient: openai.AsyncOpenAI) -> None:
+    """Batching must not mix sequences up: greedy answers to different prompts, sent together
+    and finishing at different steps (so sequences leave the batch mid-run), are the answers
+    each prompt gets alone."""
+    prompts = ["Name a color.", "What is 2 + 2?", "Say hello in French.", "Name a planet.", "What is ice?"]
+
+    async def ask(i: int, prompt: str) -> str:
+        r = await aclient.completions.create(model=MODEL, prompt=f"Q: {prompt}\nA:", temperature=0,
+                                             max_tokens=4 + 3 * i, extra_body={"min_tokens": 4 + 3 * i})
+        return r.choices[0].text
+
+    alone = [await ask(i, p) for i, p in enumerate(prompts)]
+    together = await asyncio.gather(*(ask(i, p) for i, p in enumerate(prompts)))
+    assert list(together) == alone
