@@ -594,10 +594,11 @@ class HFEngine:
         AttentionInterface.register(ATTENTION, _attend)
         # our attention builds its own masks: the model must not build 4D ones
         AttentionMaskInterface.register(ATTENTION, lambda *args, **kwargs: None)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(model_path), dtype=dtype, attn_implementation=ATTENTION,
             trust_remote_code=settings.trust_remote_code,
-        ).to(device).eval()
+        )
+        model = model.to(device).eval()
         if model.get_output_embeddings() is None:
             raise ValueError(f"the transformers engine cannot drive {type(model).__name__}: it has no LM head")
         limit = int(getattr(text, "max_position_embeddings", 0) or 2048)
