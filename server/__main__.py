@@ -45,24 +45,57 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                         "(the transformers engine always runs eagerly)")
     e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
+    o = p.add_argument_group("operations")
+    o.add_argument("--api-key", action="append", default=None,
+                   help="a key every /v1 request must present as 'Authorization: Bearer KEY' (repeatable)")
+    o.add_argument("--api-keys-file", default=None,
+                   help="YAML or JSON file of keys with names and per-key limits (see README)")
+    o.add_argument("--metrics-require-key", action="store_true", default=None,
+                   help="GET /metrics needs a key too (default: open, for Prometheus on a private network)")
+    o.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests that may wait for a free slot in the engine; beyond: 429 at once")
+    o.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    o.add_argument("--max-messages", type=int, default=2048, help="most messages in one chat request")
+    o.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="most tokens one request may ask to generate (default: the context length)")
+    o.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish before they are aborted")
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, making the exit status 143.
-        A graceful stop is a success for process supervisors here: exit 0."""
+        """SIGTERM/SIGINT drain first: new requests get 503 and readiness goes false while running
+        ones finish (up to --shutdown-timeout); then uvicorn stops and the engine aborts whatever
+        is left. A second signal stops at once. uvicorn re-raises the signal after a graceful
+        shutdown (exit status 143); a graceful stop is a success for supervisors here: exit 0."""
+
+        draining = False
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
+            state = app.state.server
+            loop = state.loop
+            if self.draining or loop is None or loop.is_closed():
+                super().handle_exit(sig, frame)
+            else:
+                self.draining = True
+                logging.getLogger("server").info(
+                    "signal %d: draining (up to %.0f s), then stopping", sig, settings.shutdown_timeout)
+
+                def stop() -> None:
+                    self.should_exit = True
+
+                loop.call_soon_threadsafe(lambda: state.drain(settings.shutdown_timeout, stop))
             self._captured_signals.clear()
 
     from server.app import create_app
+    from server.auth import Keys, KeysFileError
 
     try:
         settings = Settings.from_mapping(vars(args))
-    except SettingsError as e:
+        keys = Keys.from_settings(settings.api_key, settings.api_keys_file)
+    except (SettingsError, KeysFileError) as e:
         print(f"llm-service: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -77,13 +110,14 @@ def _serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(settings, on_fatal=on_fatal, keys=keys)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        # requests are drained before uvicorn is told to stop; what is left after that is aborted
+        timeout_graceful_shutdown=5,
     )
     server = Server(config)
     server.run()

@@ -58,6 +58,15 @@ class Settings:
     enforce_eager: bool = False
     seed: int = 0
     max_logprobs: int = 20
+    # operations
+    api_key: tuple[str, ...] = ()  # --api-key, repeatable
+    api_keys_file: Path | None = None
+    metrics_require_key: bool = False
+    max_queued_requests: int = 64
+    max_request_bytes: int = 4 << 20
+    max_messages: int = 2048
+    max_tokens_limit: int | None = None  # None: the context length
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
 
     def __post_init__(self) -> None:
         self._check_positive("port", self.port, upper=65535)
@@ -78,6 +87,17 @@ class Settings:
             )
         if self.kv_cache_space is not None and self.kv_cache_space <= 0:
             raise SettingsError("kv_cache_space", f"must be a positive number of GiB, not {self.kv_cache_space}")
+        if self.shutdown_timeout < 0:
+            raise SettingsError("shutdown_timeout", "must not be negative")
+        if self.max_queued_requests < 0:
+            raise SettingsError("max_queued_requests", "must not be negative")
+        self._check_positive("max_request_bytes", self.max_request_bytes)
+        self._check_positive("max_messages", self.max_messages)
+        if self.max_tokens_limit is not None:
+            self._check_positive("max_tokens_limit", self.max_tokens_limit)
+        for key in self.api_key:
+            if len(key) < 8:
+                raise SettingsError("api_key", "keys must be at least 8 characters long")
         if self.max_logprobs < 0:
             raise SettingsError("max_logprobs", "must not be negative")
         if self.served_model_name is not None and not self.served_model_name.strip():
@@ -98,6 +118,10 @@ class Settings:
         kwargs = {k: v for k, v in values.items() if k in names and v is not None}
         if "cache_dir" in kwargs:
             kwargs["cache_dir"] = Path(kwargs["cache_dir"]).expanduser()
+        if "api_keys_file" in kwargs:
+            kwargs["api_keys_file"] = Path(kwargs["api_keys_file"]).expanduser()
+        if "api_key" in kwargs:
+            kwargs["api_key"] = tuple(kwargs["api_key"])
         return cls(**kwargs)
 
     @property

@@ -27,11 +27,13 @@ class APIError(Exception):
     type = "server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,53 @@ class NotFound(APIError):
 
 class MethodNotAllowed(APIError):
     status_code = 405
+    type = "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    """No key, or not a configured one (OpenAI's 401)."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status_code = 403
+    type = "invalid_request_error"
+    default_code = "insufficient_permissions"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(APIError):
+    """A key's requests, tokens or concurrency are over its limit (OpenAI's 429)."""
+
+    status_code = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, headers: dict[str, str], reason: str) -> None:
+        super().__init__(message, headers=headers)
+        self.reason = reason  # requests | tokens | concurrency (a metrics label)
+
+
+class Overloaded(APIError):
+    """The server's queue is full: retry later (429, so clients back off as for rate limits)."""
+
+    status_code = 429
+    type = "server_overloaded"
+    default_code = "server_overloaded"
+
+
+class ClientClosedRequest(APIError):
+    """The client left before its answer was ready; nobody reads this (499, as proxies log it)."""
+
+    status_code = 499
     type = "invalid_request_error"
 
 
@@ -139,7 +188,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
