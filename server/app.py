@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
+from server.auth import Keys
 from server.config import Settings
-from server.errors import install_handlers
+from server.errors import AuthenticationError, install_handlers
+from server.limits import Admission, KeyLimits
+from server.metrics import Metrics
 from server.routes import Served, router
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,28 @@ class ServerState:
     served: Served | None = None
     model_path: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    keys: Keys = field(default_factory=lambda: Keys([]))
+    key_limits: KeyLimits = field(default_factory=KeyLimits)
+    metrics: Metrics = field(default_factory=Metrics)
+    admission: Admission | None = None  # sized from the engine once it is ready
+    loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
+
+    def drain(self, timeout: float, then: Callable[[], None]) -> asyncio.Task[None]:
+        """Refuse new work (503, readiness false), wait up to `timeout` s for admitted requests
+        to finish, then call `then` (which stops the HTTP server)."""
+        self.status = "stopping"
+
+        async def wait() -> None:
+            deadline = time.monotonic() + timeout
+            while self.admission is not None and (self.admission.in_use or self.admission.waiting):
+                if time.monotonic() >= deadline:
+                    log.warning("shutdown timeout: aborting %d running and %d queued sequences",
+                                self.admission.in_use, self.admission.waiting)
+                    break
+                await asyncio.sleep(0.05)
+            then()
+
+        return asyncio.ensure_future(wait())
 
     def fail(self, detail: str) -> None:
         self.status = "failed"
@@ -78,12 +108,73 @@ def load_served(settings: Settings) -> Served:
     )
 
 
+# route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/live", "/metrics", "/")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _route(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return path if path in ROUTES else "other"
+
+
+class Gate:
+    """Every HTTP request passes here first: it gets an `x-request-id` (the client's when it sent
+    a sane one), `/v1/*` (and `/metrics` when so set) needs a key when keys are configured, a
+    limited key's rate-limit headers go on every response, and the response is counted."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope["path"]
+        status = 500
+        try:
+            key = None
+            if path.startswith("/v1/") or (path == "/metrics" and state.settings.metrics_require_key):
+                try:
+                    key = state.keys.authenticate(headers.get("authorization"))
+                except AuthenticationError as e:
+                    status = e.status_code
+                    response = JSONResponse(e.to_dict(), status_code=status, headers={
+                        "x-request-id": request_id, "www-authenticate": "Bearer"})
+                    await response(scope, receive, send)
+                    return
+            scope["state"]["key"] = key
+
+            async def send_with_headers(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    out = MutableHeaders(scope=message)
+                    out["x-request-id"] = request_id
+                    for name, value in state.key_limits.headers(key).items():
+                        if name not in out:
+                            out[name] = value
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            state.metrics.requests.labels(_route(path), state.settings.model_name, str(status)).inc()
+
+
 def create_app(
     settings: Settings,
     loader: Loader = load_served,
     on_fatal: Callable[[str], None] | None = None,
+    keys: Keys | None = None,
 ) -> FastAPI:
-    state = ServerState(settings)
+    state = ServerState(settings, keys=keys or Keys.from_settings(settings.api_key, settings.api_keys_file))
 
     async def load() -> None:
         started = time.monotonic()
@@ -101,6 +192,13 @@ def create_app(
         attach = getattr(served.engine, "attach_to_loop", None)
         if callable(attach):
             attach()
+        model = served.name
+
+        def gauges(running: int, waiting: int) -> None:
+            state.metrics.running.labels(model).set(running)
+            state.metrics.waiting.labels(model).set(waiting)
+
+        state.admission = Admission(served.engine.info.max_num_seqs, settings.max_queued_requests, gauges)
         state.served = served
         state.model_path = str(getattr(served.tokenizer.hf, "name_or_path", "")) or None
         state.status = "ready"
@@ -112,6 +210,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         loading = asyncio.create_task(load())
         try:
             yield
@@ -132,4 +231,6 @@ def create_app(
     app.state.server = state
     install_handlers(app)
     app.include_router(router)
+    app.add_middleware(Gate, state=state)
     return app
+

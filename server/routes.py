@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -19,14 +19,21 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from server import __version__, sse
+from server.auth import Key
 from server.engines.base import Engine, SamplingSpec, TokenEvent, TokenLogprobs
 from server.errors import (
+    ClientClosedRequest,
     ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
     ServiceUnavailable,
     invalid_request_from,
 )
+from server.limits import Ticket
+from server.metrics import Metrics
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -52,6 +59,7 @@ from server.tokenizer import Tokenizer
 
 router = APIRouter()
 Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 # OpenAI's default for the legacy completions route
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
@@ -81,7 +89,12 @@ def _served(request: Request, model: str | None = None) -> Served:
 
 
 async def _parse(request: Request, model: type[Body]) -> Body:
-    raw = await request.body()
+    limit = request.app.state.server.settings.max_request_bytes
+    raw = b""
+    async for part in request.stream():  # counted as it arrives: a body without Content-Length too
+        raw += part
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"The request body is larger than this server's limit of {limit} bytes.")
     if not raw:
         raise InvalidRequest("The request body is empty; it must be a JSON object.")
     try:
@@ -97,8 +110,9 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)
+    and answer 499, what proxies log for "client closed request", to nobody."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
     try:
@@ -109,8 +123,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
                 t.cancel()
     if task.cancelled() or not task.done():
         await asyncio.gather(task, return_exceptions=True)
-        # nobody is listening; 499 is what proxies log for "client closed request"
-        return Response(status_code=499)
+        raise ClientClosedRequest("The client closed the request.")
     return task.result()
 
 
@@ -128,10 +141,80 @@ class _Job:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     echoed: bool = False  # completions `echo`: the prompt went out with the first event
     cached_tokens: int | None = None  # prompt tokens the engine's prefix cache supplied
+    last_event: float | None = None  # when its previous event came (inter-token latency)
 
 
-async def _generate_all(engine: Engine, jobs: Sequence[_Job]) -> AsyncIterator[tuple[_Job, TokenEvent]]:
+@dataclass
+class _Run:
+    """One generation request's hold on the server (admission slots, its key's limits) and its
+    measurements. `close` runs exactly once, whether the request finished, failed or was left."""
+
+    engine: Engine
+    jobs: list[_Job]
+    metrics: Metrics
+    model: str
+    route: str
+    ticket: Ticket
+    release: Callable[[], None]
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.release()
+        usage = _usage(self.jobs)
+        self.ticket.close(usage.total_tokens if self.first_token is not None else None)
+        self.metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
+        self.metrics.generation_tokens.labels(self.model).inc(usage.completion_tokens)
+        if self.first_token is not None:
+            self.metrics.e2e.labels(self.route, self.model).observe(time.monotonic() - self.started)
+
+
+async def _admit(request: Request, served: Served, jobs: list[_Job], route: str, max_tokens: int) -> _Run:
+    """The key's limits (429 at once), then a place in the engine (waits in the bounded queue, or
+    429 when it is full). Cancelled if the client leaves while waiting."""
+    state = request.app.state.server
+    key: Key | None = getattr(request.state, "key", None)
+    prompt = sum(len(ids) for ids in {id(j.prompt_ids): j.prompt_ids for j in jobs}.values())
+    try:
+        ticket = state.key_limits.admit(key, prompt + max_tokens * len(jobs))
+    except RateLimited as e:
+        state.metrics.rejections.labels(e.reason).inc()
+        raise
+    admission = state.admission
+    try:
+        await _unless_disconnected(request, admission.acquire(len(jobs)))
+    except BaseException as e:
+        ticket.close(0)
+        if isinstance(e, Overloaded):
+            state.metrics.rejections.labels("queue_full").inc()
+        raise
+    return _Run(served.engine, jobs, state.metrics, served.name, route, ticket,
+                release=lambda: admission.release(len(jobs)))
+
+
+async def _generate_all(run: _Run) -> AsyncIterator[tuple[_Job, TokenEvent]]:
     """Events of all jobs as they come; aborts whatever has not finished when closed early."""
+    try:
+        async for job, event in _events(run.engine, run.jobs):
+            now = time.monotonic()
+            if run.first_token is None:
+                run.first_token = now
+                run.metrics.ttft.labels(run.model).observe(now - run.started)
+            elif job.last_event is not None and event.token_ids:
+                gap = (now - job.last_event) / len(event.token_ids)
+                for _ in event.token_ids:
+                    run.metrics.itl.labels(run.model).observe(gap)
+            job.last_event = now
+            yield job, event
+    finally:
+        run.close()
+
+
+async def _events(engine: Engine, jobs: Sequence[_Job]) -> AsyncIterator[tuple[_Job, TokenEvent]]:
     try:
         if len(jobs) == 1:  # the common case: no tasks, no queue
             job = jobs[0]
@@ -197,6 +280,22 @@ def _max_tokens(prompt_len: int, requested: int | None, limit: int, default: int
             param="max_tokens",
         )
     return requested
+
+
+def _check_max_tokens(request: Request, requested: int | None, param: str) -> int | None:
+    cap = request.app.state.server.settings.max_tokens_limit
+    if requested is not None and cap is not None and requested > cap:
+        raise InvalidRequest(f"Invalid value for '{param}': this server generates at most {cap} tokens "
+                             "per request.", param=param)
+    return requested
+
+
+def _default_max_tokens(request: Request, default: int | None) -> int | None:
+    """A request that names no max_tokens gets the route's default, within --max-tokens-limit."""
+    cap = request.app.state.server.settings.max_tokens_limit
+    if cap is None:
+        return default
+    return cap if default is None else min(default, cap)
 
 
 def _check_logprobs(request: Request, wanted: int | None, param: str) -> None:
@@ -293,23 +392,32 @@ async def chat_completions(request: Request) -> Response:
         if m.name is not None:
             msg["name"] = m.name
         messages.append(msg)
+    cap = request.app.state.server.settings.max_messages
+    if len(messages) > cap:
+        raise InvalidRequest(f"Too many messages: {len(messages)}; this server takes at most {cap}.", param="messages")
     prompt_ids = served.tokenizer.chat_prompt(messages)
     limit = served.engine.info.max_model_len
-    max_tokens = _max_tokens(len(prompt_ids), body.requested_max_tokens(), limit, None, "messages")
+    requested = _check_max_tokens(request, body.requested_max_tokens(), "max_completion_tokens"
+                                  if body.max_completion_tokens is not None else "max_tokens")
+    max_tokens = _max_tokens(len(prompt_ids), requested, limit, _default_max_tokens(request, None), "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     _check_logprobs(request, top, "top_logprobs")
     spec = _spec(body, max_tokens, top, None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
     head = _envelope(served, rid)
+    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens)
     if body.stream:
-        return sse.stream(_chat_stream(served, body, jobs, head))
-    return await _unless_disconnected(request, _chat_full(served, body, jobs, head))
+        return sse.stream(_chat_stream(served, body, jobs, head, run), on_close=run.close)
+    try:
+        return await _unless_disconnected(request, _chat_full(served, body, jobs, head, run))
+    finally:
+        run.close()
 
 
-async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any]) -> Response:
+async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run) -> Response:
     texts = [""] * len(jobs)
-    async for job, event in _generate_all(served.engine, jobs):
+    async for job, event in _generate_all(run):
         texts[job.index] += event.text
         _track(job, event)
     choices = [
@@ -326,14 +434,14 @@ async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Jo
 
 
 async def _chat_stream(
-    served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any]
+    served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _dump(ChatCompletionChunk(**head, choices=choices, usage=usage))
 
     for job in jobs:
         yield chunk([ChatChunkChoice(index=job.index, delta=Delta(role="assistant", content=""))])
-    async for job, event in _generate_all(served.engine, jobs):
+    async for job, event in _generate_all(run):
         _track(job, event)
         logprobs = _chat_logprobs(served.tokenizer, event.logprobs) if body.logprobs and event.logprobs else None
         if event.text or logprobs is not None:
@@ -404,19 +512,22 @@ async def completions(request: Request) -> Response:
                 raise InvalidRequest(f"Invalid value for 'prompt': token ids must be in [0, {vocab}).", param="prompt")
             prompts.append((list(p), tok.decode(p)))
     limit = served.engine.info.max_model_len
-    max_tokens = min(
-        _max_tokens(len(ids), body.max_tokens, limit, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-        for ids, _ in prompts
-    )
+    requested = _check_max_tokens(request, body.max_tokens, "max_tokens")
+    default = _default_max_tokens(request, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    max_tokens = min(_max_tokens(len(ids), requested, limit, default, "prompt") for ids, _ in prompts)
     _check_logprobs(request, body.logprobs, "logprobs")
     echo_lps = body.logprobs if body.echo and body.logprobs is not None else None
     spec = _spec(body, max_tokens, body.logprobs, echo_lps)
     rid = f"cmpl-{uuid.uuid4().hex}"
     jobs = _jobs(prompts, body.n or 1, spec, rid)
     head = _envelope(served, rid)
+    run = await _admit(request, served, jobs, "/v1/completions", max_tokens)
     if body.stream:
-        return sse.stream(_completion_stream(served, body, jobs, head))
-    return await _unless_disconnected(request, _completion_full(served, body, jobs, head))
+        return sse.stream(_completion_stream(served, body, jobs, head, run), on_close=run.close)
+    try:
+        return await _unless_disconnected(request, _completion_full(served, body, jobs, head, run))
+    finally:
+        run.close()
 
 
 def _completion_piece(
@@ -436,10 +547,10 @@ def _completion_piece(
     return text, logprobs
 
 
-async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any]) -> Response:
+async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run) -> Response:
     texts = [""] * len(jobs)
     lps: list[CompletionLogprobs | None] = [None] * len(jobs)
-    async for job, event in _generate_all(served.engine, jobs):
+    async for job, event in _generate_all(run):
         _track(job, event)
         text, logprobs = _completion_piece(served, body, job, event, len(texts[job.index]))
         texts[job.index] += text
@@ -459,13 +570,13 @@ async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_
 
 
 async def _completion_stream(
-    served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any]
+    served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run
 ) -> AsyncIterator[str]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _dump(Completion(**head, choices=choices, usage=usage))
 
     sent = [0] * len(jobs)  # characters sent per choice, for text_offset
-    async for job, event in _generate_all(served.engine, jobs):
+    async for job, event in _generate_all(run):
         _track(job, event)
         text, logprobs = _completion_piece(served, body, job, event, sent[job.index])
         sent[job.index] += len(text)
@@ -520,6 +631,20 @@ async def _readiness(request: Request) -> JSONResponse:
         return JSONResponse(body, status_code=200)
     body["detail"] = state.unavailable_reason()
     return JSONResponse(body, status_code=503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; the gauges that are not event-driven are read now."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    state = request.app.state.server
+    served: Served | None = state.served
+    if served is not None:
+        usage = getattr(served.engine, "kv_cache_usage", None)
+        if callable(usage):
+            state.metrics.kv_cache.labels(served.name).set(usage())
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from server.errors import APIError, EngineError
 
@@ -44,10 +45,13 @@ async def _frames(events: AsyncIterator[str]) -> AsyncIterator[ServerSentEvent]:
     yield _event(DONE)
 
 
-def stream(events: AsyncIterator[str], headers: dict[str, str] | None = None) -> EventSourceResponse:
+def stream(events: AsyncIterator[str], headers: dict[str, str] | None = None,
+           on_close: Callable[[], None] | None = None) -> EventSourceResponse:
+    """`on_close` runs after the response, however it ended (also if `events` never started)."""
     return EventSourceResponse(
         _frames(events),
         sep="\n",
         ping=PING_SECONDS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
+        background=BackgroundTask(on_close) if on_close is not None else None,
     )

@@ -64,6 +64,7 @@ class TokenEvent:
 class EngineInfo:
     name: str  # "vllm" | "transformers"
     max_model_len: int
+    max_num_seqs: int = 256  # sequences it batches at once: the server admits that many
 
 
 class Engine(Protocol):

@@ -299,7 +299,7 @@ class _Core:
         while row < len(self.running):
             if self.running[row].done:
                 last = self.running.pop()
-                if row < len(self.running):
+                if row < len(self.running) and not last.done:
                     self.cache.move_row(len(self.running), row, last.length)
                     self.running[row] = last
                 continue
@@ -639,7 +639,8 @@ class HFEngine:
             budget / GiB, budget_tokens, cache.bytes_per_token, core.max_seqs,
         )
         core.thread.start()
-        return cls(core, tokenizer, EngineInfo(name="transformers", max_model_len=max_model_len))
+        return cls(core, tokenizer, EngineInfo(name="transformers", max_model_len=max_model_len,
+                                               max_num_seqs=core.max_seqs))
 
     async def generate(
         self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str
@@ -660,7 +661,10 @@ class HFEngine:
         queue: asyncio.Queue[_Output | BaseException] = asyncio.Queue()
 
         def deliver(item: _Output | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+                pass
 
         generator = torch.Generator(device="cpu").manual_seed(spec.seed) if spec.seed is not None else None
         seq = _Seq(request_id, list(prompt_token_ids), spec, deliver, generator, need)
@@ -717,6 +721,11 @@ class HFEngine:
 
     async def num_active_requests(self) -> int:
         return self.core.active
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV budget allocated right now."""
+        cache = self.core.cache
+        return cache.rows * cache.positions / self.core.budget_tokens
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.core.stop)

@@ -97,7 +97,9 @@ class VLLMEngine:
         # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
         # frame alive, and shutdown() must be able to drop the last reference (see there).
         engine = cls(AsyncLLM.from_engine_args(engine_args(model_path, settings)), EngineInfo("vllm", 0))
-        engine.info = EngineInfo(name="vllm", max_model_len=int(engine.llm.vllm_config.model_config.max_model_len))
+        config = engine.llm.vllm_config
+        engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
+                                 max_num_seqs=int(config.scheduler_config.max_num_seqs))
         return engine
 
     def attach_to_loop(self) -> None:

@@ -1,0 +1,206 @@
+"""Limits: per-key requests, tokens and concurrency, and the server's bounded queue.
+
+Per key (from the keys file): requests per minute and tokens per minute over a rolling 60-second
+window, and concurrent requests. Tokens are reserved at admission as prompt + max_tokens (the most
+a request can use) and corrected to what it really used when it ends. Over a limit: 429 with
+`Retry-After`. Every response to a key with limits carries OpenAI's headers
+`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
+
+Server-wide: at most `running` sequences are handed to the engine at once (its batch size); up to
+`--max-queued-requests` more requests wait in FIFO order for a slot; beyond that a request gets
+429 `server_overloaded` at once instead of an unbounded wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.auth import Key
+from server.errors import Overloaded, RateLimited
+
+WINDOW = 60.0
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 1)}ms"
+    s = math.ceil(seconds)
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+@dataclass
+class _Usage:
+    requests: deque[float] = field(default_factory=deque)  # admission times
+    tokens: deque[list[float]] = field(default_factory=deque)  # [time, tokens] per request
+    concurrent: int = 0
+
+    def expire(self, now: float) -> None:
+        while self.requests and self.requests[0] <= now - WINDOW:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= now - WINDOW:
+            self.tokens.popleft()
+
+    def token_sum(self) -> int:
+        return int(sum(n for _, n in self.tokens))
+
+
+@dataclass
+class Ticket:
+    """One admitted request's hold on its key's limits; `close` exactly once."""
+
+    usage: _Usage | None
+    entry: list[float] | None
+    closed: bool = False
+
+    def close(self, used_tokens: int | None = None) -> None:
+        if self.closed or self.usage is None:
+            return
+        self.closed = True
+        self.usage.concurrent -= 1
+        if self.entry is not None and used_tokens is not None:
+            self.entry[1] = used_tokens  # the reservation becomes what was really used
+
+
+class KeyLimits:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._usage: dict[str, _Usage] = {}
+
+    @staticmethod
+    def limited(key: Key | None) -> bool:
+        return key is not None and any(
+            v is not None for v in (key.requests_per_minute, key.tokens_per_minute, key.max_concurrent)
+        )
+
+    def _get(self, key: Key) -> _Usage:
+        usage = self._usage.setdefault(key.name, _Usage())
+        usage.expire(self.clock())
+        return usage
+
+    def admit(self, key: Key | None, tokens: int) -> Ticket:
+        """Count a request against its key's limits, or raise 429 saying which and when to retry."""
+        if key is None or not self.limited(key):
+            return Ticket(None, None)
+        now = self.clock()
+        usage = self._get(key)
+        rpm, tpm, conc = key.requests_per_minute, key.tokens_per_minute, key.max_concurrent
+        if rpm is not None and len(usage.requests) >= rpm:
+            wait = usage.requests[0] + WINDOW - now
+            raise self._reject(key, "requests", wait, f"Rate limit reached for requests: limit {rpm} per "
+                               f"minute, used {len(usage.requests)}. Please try again in {_duration(wait)}.")
+        if tpm is not None:
+            if tokens > tpm:
+                raise self._reject(key, "tokens", WINDOW, f"This request may use {tokens} tokens (prompt "
+                                   f"+ max_tokens), more than this key's limit of {tpm} per minute. "
+                                   "Lower max_tokens.", retry=False)
+            used = usage.token_sum()
+            if used + tokens > tpm:
+                wait = self._token_wait(usage, tpm - tokens, now)
+                raise self._reject(key, "tokens", wait, f"Rate limit reached for tokens: limit {tpm} per "
+                                   f"minute, used {used}, requested {tokens}. Please try again in "
+                                   f"{_duration(wait)}.")
+        if conc is not None and usage.concurrent >= conc:
+            raise self._reject(key, "concurrency", 1.0, f"Too many concurrent requests for this key: "
+                               f"limit {conc}. Retry when one of them has finished.")
+        usage.requests.append(now)
+        entry = [now, float(tokens)]
+        usage.tokens.append(entry)
+        usage.concurrent += 1
+        return Ticket(usage, entry)
+
+    @staticmethod
+    def _token_wait(usage: _Usage, room: int, now: float) -> float:
+        """Seconds until the window's token sum drops to `room` or less."""
+        total = usage.token_sum()
+        for t, n in usage.tokens:
+            total -= int(n)
+            if total <= room:
+                return max(t + WINDOW - now, 0.001)
+        return WINDOW
+
+    def _reject(self, key: Key, reason: str, wait: float, message: str, retry: bool = True) -> RateLimited:
+        headers = self.headers(key)
+        if retry:
+            headers["retry-after"] = str(max(math.ceil(wait), 1))
+        err = RateLimited(message, headers=headers, reason=reason)
+        err.type = "tokens" if reason == "tokens" else "requests"  # OpenAI's 429 types
+        return err
+
+    def headers(self, key: Key | None) -> dict[str, str]:
+        """OpenAI's rate-limit headers for `key` as of now (empty for keys without limits)."""
+        if key is None or not self.limited(key):
+            return {}
+        now = self.clock()
+        usage = self._get(key)
+        out: dict[str, str] = {}
+        if key.requests_per_minute is not None:
+            out["x-ratelimit-limit-requests"] = str(key.requests_per_minute)
+            out["x-ratelimit-remaining-requests"] = str(max(key.requests_per_minute - len(usage.requests), 0))
+            reset = usage.requests[0] + WINDOW - now if usage.requests else 0.0
+            out["x-ratelimit-reset-requests"] = _duration(reset) if reset > 0 else "0s"
+        if key.tokens_per_minute is not None:
+            used = usage.token_sum()
+            out["x-ratelimit-limit-tokens"] = str(key.tokens_per_minute)
+            out["x-ratelimit-remaining-tokens"] = str(max(key.tokens_per_minute - used, 0))
+            reset = usage.tokens[0][0] + WINDOW - now if usage.tokens else 0.0
+            out["x-ratelimit-reset-tokens"] = _duration(reset) if reset > 0 else "0s"
+        return out
+
+
+class Admission:
+    """At most `running` sequences in the engine; up to `max_queued` requests wait for room."""
+
+    def __init__(self, running: int, max_queued: int, on_change: Callable[[int, int], None] | None = None) -> None:
+        self.capacity = running
+        self.max_queued = max_queued
+        self.in_use = 0
+        self.queue: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.on_change = on_change or (lambda running, waiting: None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    async def acquire(self, n: int) -> None:
+        """Take `n` slots (one per sequence), waiting in line if need be; 429 if the line is full."""
+        n = min(n, self.capacity)  # a request wider than the batch runs alone
+        if not self.queue and self.in_use + n <= self.capacity:
+            self.in_use += n
+            self.on_change(self.in_use, self.waiting)
+            return
+        if len(self.queue) >= self.max_queued:
+            raise Overloaded(
+                f"The server is at capacity ({self.in_use} sequences running, {len(self.queue)} requests "
+                "queued). Please retry shortly.",
+                headers={"retry-after": "1"},
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, waiter)
+        self.queue.append(entry)
+        self.on_change(self.in_use, self.waiting)
+        try:
+            await waiter
+        except BaseException:
+            if entry in self.queue:
+                self.queue.remove(entry)
+            elif waiter.done() and not waiter.cancelled():
+                self.release(n)  # it was granted just as the client left: give it back
+            self.on_change(self.in_use, self.waiting)
+            raise
+
+    def release(self, n: int) -> None:
+        n = min(n, self.capacity)
+        self.in_use -= n
+        while self.queue and self.in_use + self.queue[0][0] <= self.capacity:
+            want, waiter = self.queue.popleft()
+            if waiter.done():  # its client left; its own handler is about to notice
+                continue
+            self.in_use += want
+            waiter.set_result(None)
+        self.on_change(self.in_use, self.waiting)

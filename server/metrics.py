@@ -1,0 +1,38 @@
+"""Prometheus metrics, served at `GET /metrics`. Every name and label is listed in the README.
+
+One registry per app (not the process-global default), so two apps in one process, as in the
+unit tests, never share counts. Latency buckets span a GPU's milliseconds and a small CPU's
+seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("llm_requests", "HTTP requests by route, model and status code",
+                                ["route", "model", "status"], registry=r)
+        self.ttft = Histogram("llm_time_to_first_token_seconds", "Time from request to first token",
+                              ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("llm_inter_token_latency_seconds", "Time between tokens of one answer",
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("llm_e2e_request_latency_seconds", "Time from request to last token",
+                             ["route", "model"], buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("llm_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.running = Gauge("llm_requests_running", "Generation requests being served", ["model"], registry=r)
+        self.waiting = Gauge("llm_requests_waiting", "Generation requests queued for a slot", ["model"], registry=r)
+        self.kv_cache = Gauge("llm_kv_cache_usage_ratio", "Fraction of the KV cache budget in use "
+                              "(engines that report it)", ["model"], registry=r)
+        self.rejections = Counter("llm_rate_limit_rejections", "Requests answered 429, by reason "
+                                  "(requests, tokens, concurrency, queue_full)", ["reason"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
