@@ -60,6 +60,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="most tokens one request may ask to generate (default: the context length)")
     o.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish before they are aborted")
+    o.add_argument("--database-url", default=None,
+                   help="request log database, a SQLAlchemy URL (default: SQLite file in the cache folder; "
+                        "PostgreSQL: postgresql+psycopg://user:password@host/db)")
+    o.add_argument("--log-content", action="store_true", default=None,
+                   help="keep prompt and answer text in the request log (off: counts and timings only)")
+    o.add_argument("--request-log-buffer", type=int, default=10000,
+                   help="rows that may wait for a slow or down database; beyond, rows are dropped and counted")
 
 
 def _serve(args: argparse.Namespace) -> int:

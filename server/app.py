@@ -29,6 +29,7 @@ from server.errors import AuthenticationError, install_handlers
 from server.limits import Admission, KeyLimits
 from server.metrics import Metrics
 from server.routes import Served, router
+from server.store import RequestLog, Row, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ServerState:
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     metrics: Metrics = field(default_factory=Metrics)
     admission: Admission | None = None  # sized from the engine once it is ready
+    request_log: RequestLog | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
 
     def drain(self, timeout: float, then: Callable[[], None]) -> asyncio.Task[None]:
@@ -109,7 +111,7 @@ def load_served(settings: Settings) -> Served:
 
 
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/live", "/metrics", "/")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/health", "/ready", "/live", "/metrics", "/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -139,8 +141,9 @@ class Gate:
         scope.setdefault("state", {})["request_id"] = request_id
         path: str = scope["path"]
         status = 500
+        arrived, started = utcnow(), time.monotonic()
+        key = None
         try:
-            key = None
             if path.startswith("/v1/") or (path == "/metrics" and state.settings.metrics_require_key):
                 try:
                     key = state.keys.authenticate(headers.get("authorization"))
@@ -166,6 +169,15 @@ class Gate:
             await self.app(scope, receive, send_with_headers)
         finally:
             state.metrics.requests.labels(_route(path), state.settings.model_name, str(status)).inc()
+            if state.request_log is not None and path.startswith("/v1/"):
+                note: dict[str, object] = scope["state"].get("log", {})
+                served = state.served
+                state.request_log.record(Row(
+                    time=arrived, request_id=request_id, route=_route(path), status=status,
+                    latency_ms=(time.monotonic() - started) * 1000, key_name=key.name if key else None,
+                    model=state.settings.model_name, engine=served.engine.info.name if served else None,
+                    **note,  # type: ignore[arg-type]
+                ))
 
 
 def create_app(
@@ -211,6 +223,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
+        metrics = state.metrics
+        state.request_log = RequestLog(settings.request_log_url, settings.request_log_buffer,
+                                       on_dropped=metrics.log_dropped.inc, on_error=metrics.log_errors.inc)
+        state.request_log.start()
+        log.info("request log: %s", state.request_log.db.url.render_as_string(hide_password=True))
         loading = asyncio.create_task(load())
         try:
             yield
@@ -221,6 +238,8 @@ def create_app(
                 await asyncio.gather(loading, return_exceptions=True)
             if state.served is not None:
                 await state.served.engine.shutdown()
+            # last: the rows of requests the shutdown ended are in the buffer by now
+            await asyncio.to_thread(state.request_log.stop)
 
     app = FastAPI(
         title="llm-service",

@@ -67,6 +67,9 @@ class Settings:
     max_messages: int = 2048
     max_tokens_limit: int | None = None  # None: the context length
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
+    database_url: str | None = None  # None: SQLite in the cache folder
+    log_content: bool = False  # prompt and answer text in the request log
+    request_log_buffer: int = 10000  # rows waiting for the database before they are dropped (counted)
 
     def __post_init__(self) -> None:
         self._check_positive("port", self.port, upper=65535)
@@ -87,6 +90,10 @@ class Settings:
             )
         if self.kv_cache_space is not None and self.kv_cache_space <= 0:
             raise SettingsError("kv_cache_space", f"must be a positive number of GiB, not {self.kv_cache_space}")
+        self._check_positive("request_log_buffer", self.request_log_buffer)
+        if self.database_url is not None and "://" not in self.database_url:
+            raise SettingsError("database_url", "must be a SQLAlchemy URL such as sqlite:///requests.db "
+                                "or postgresql+psycopg://user:password@host/dbname")
         if self.shutdown_timeout < 0:
             raise SettingsError("shutdown_timeout", "must not be negative")
         if self.max_queued_requests < 0:
@@ -123,6 +130,10 @@ class Settings:
         if "api_key" in kwargs:
             kwargs["api_key"] = tuple(kwargs["api_key"])
         return cls(**kwargs)
+
+    @property
+    def request_log_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.cache_dir / 'requests.sqlite3'}"
 
     @property
     def model_name(self) -> str:

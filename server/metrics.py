@@ -31,6 +31,11 @@ class Metrics:
         self.waiting = Gauge("llm_requests_waiting", "Generation requests queued for a slot", ["model"], registry=r)
         self.kv_cache = Gauge("llm_kv_cache_usage_ratio", "Fraction of the KV cache budget in use "
                               "(engines that report it)", ["model"], registry=r)
+        self.log_dropped = Counter("llm_request_log_dropped", "Request log rows dropped because the "
+                                   "buffer was full (database slow or down)", registry=r)
+        self.log_errors = Counter("llm_request_log_write_errors", "Failed request log writes (retried)",
+                                  registry=r)
+        self.log_backlog = Gauge("llm_request_log_backlog", "Request log rows not yet written", registry=r)
         self.rejections = Counter("llm_rate_limit_rejections", "Requests answered 429, by reason "
                                   "(requests, tokens, concurrency, queue_full)", ["reason"], registry=r)
 

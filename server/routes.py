@@ -8,10 +8,12 @@ anywhere, aborts every engine request of that HTTP request (`_generate_all`'s `f
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -28,6 +30,7 @@ from server.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    PermissionDenied,
     RateLimited,
     ServiceUnavailable,
     invalid_request_from,
@@ -55,6 +58,7 @@ from server.protocol import (
     Usage,
     _SamplingFields,
 )
+from server.store import utcnow
 from server.tokenizer import Tokenizer
 
 router = APIRouter()
@@ -142,6 +146,7 @@ class _Job:
     echoed: bool = False  # completions `echo`: the prompt went out with the first event
     cached_tokens: int | None = None  # prompt tokens the engine's prefix cache supplied
     last_event: float | None = None  # when its previous event came (inter-token latency)
+    text: str = ""  # the answer so far, for the request log
 
 
 @dataclass
@@ -156,6 +161,8 @@ class _Run:
     route: str
     ticket: Ticket
     release: Callable[[], None]
+    note: dict[str, Any]  # what the request log row gets (request.state.log)
+    prompt_text: str | None = None  # kept only with --log-content
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     closed: bool = False
@@ -167,13 +174,23 @@ class _Run:
         self.release()
         usage = _usage(self.jobs)
         self.ticket.close(usage.total_tokens if self.first_token is not None else None)
+        reasons = sorted({j.finish_reason for j in self.jobs if j.finish_reason})
+        self.note.update(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            ttft_ms=(self.first_token - self.started) * 1000 if self.first_token is not None else None,
+            finish_reason=",".join(reasons) or None,
+        )
+        if self.prompt_text is not None:
+            texts = [j.text for j in self.jobs]
+            self.note.update(prompt=self.prompt_text, answer=texts[0] if len(texts) == 1 else json.dumps(texts))
         self.metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
         self.metrics.generation_tokens.labels(self.model).inc(usage.completion_tokens)
         if self.first_token is not None:
             self.metrics.e2e.labels(self.route, self.model).observe(time.monotonic() - self.started)
 
 
-async def _admit(request: Request, served: Served, jobs: list[_Job], route: str, max_tokens: int) -> _Run:
+async def _admit(request: Request, served: Served, jobs: list[_Job], route: str, max_tokens: int,
+                 prompt_text: str) -> _Run:
     """The key's limits (429 at once), then a place in the engine (waits in the bounded queue, or
     429 when it is full). Cancelled if the client leaves while waiting."""
     state = request.app.state.server
@@ -192,8 +209,11 @@ async def _admit(request: Request, served: Served, jobs: list[_Job], route: str,
         if isinstance(e, Overloaded):
             state.metrics.rejections.labels("queue_full").inc()
         raise
+    note: dict[str, Any] = {}
+    request.state.log = note
     return _Run(served.engine, jobs, state.metrics, served.name, route, ticket,
-                release=lambda: admission.release(len(jobs)))
+                release=lambda: admission.release(len(jobs)), note=note,
+                prompt_text=prompt_text if state.settings.log_content else None)
 
 
 async def _generate_all(run: _Run) -> AsyncIterator[tuple[_Job, TokenEvent]]:
@@ -209,6 +229,7 @@ async def _generate_all(run: _Run) -> AsyncIterator[tuple[_Job, TokenEvent]]:
                 for _ in event.token_ids:
                     run.metrics.itl.labels(run.model).observe(gap)
             job.last_event = now
+            job.text += event.text
             yield job, event
     finally:
         run.close()
@@ -406,7 +427,7 @@ async def chat_completions(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens)
+    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens, json.dumps(messages))
     if body.stream:
         return sse.stream(_chat_stream(served, body, jobs, head, run), on_close=run.close)
     try:
@@ -521,7 +542,8 @@ async def completions(request: Request) -> Response:
     rid = f"cmpl-{uuid.uuid4().hex}"
     jobs = _jobs(prompts, body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    run = await _admit(request, served, jobs, "/v1/completions", max_tokens)
+    prompt_text = prompts[0][1] if len(prompts) == 1 else json.dumps([text for _, text in prompts])
+    run = await _admit(request, served, jobs, "/v1/completions", max_tokens, prompt_text)
     if body.stream:
         return sse.stream(_completion_stream(served, body, jobs, head, run), on_close=run.close)
     try:
@@ -633,6 +655,41 @@ async def _readiness(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
+def _when(value: str | None, default: datetime, param: str) -> datetime:
+    """Unix seconds or ISO 8601 (UTC when no zone is given), as naive UTC."""
+    if value is None:
+        return default
+    try:
+        when = datetime.fromtimestamp(float(value), tz=timezone.utc)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidRequest(f"Invalid value for '{param}': give unix seconds or an ISO 8601 time.",
+                                 param=param) from None
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when
+
+
+@router.get("/v1/usage")
+async def usage(request: Request, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """Requests and tokens per key and model over [start, end) (default: the last 24 hours).
+    Needs an admin key when keys are configured."""
+    state = request.app.state.server
+    key: Key | None = getattr(request.state, "key", None)
+    if state.keys.enabled and (key is None or not key.admin):
+        raise PermissionDenied("GET /v1/usage needs an admin key (admin: true in the keys file).")
+    now = utcnow()
+    t0, t1 = _when(start, now - timedelta(days=1), "start"), _when(end, now + timedelta(seconds=1), "end")
+    if t1 <= t0:
+        raise InvalidRequest("'end' must be after 'start'.", param="end")
+    log = state.request_log
+    await asyncio.to_thread(log.wait_written, 2.0)  # include the requests that just ended
+    data = await asyncio.to_thread(log.usage, t0, t1)
+    return {"object": "usage", "start": t0.isoformat() + "Z", "end": t1.isoformat() + "Z", "data": data}
+
+
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus text format; the gauges that are not event-driven are read now."""
@@ -641,9 +698,11 @@ async def metrics(request: Request) -> Response:
     state = request.app.state.server
     served: Served | None = state.served
     if served is not None:
-        usage = getattr(served.engine, "kv_cache_usage", None)
-        if callable(usage):
-            state.metrics.kv_cache.labels(served.name).set(usage())
+        kv = getattr(served.engine, "kv_cache_usage", None)
+        if callable(kv):
+            state.metrics.kv_cache.labels(served.name).set(kv())
+    if state.request_log is not None:
+        state.metrics.log_backlog.set(state.request_log.backlog())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
