@@ -16,9 +16,11 @@ __all__ = ["LOG_DIR", "ROOT", "ServerProcess", "free_port"]
 
 
 class ServerProcess(servers.ServerProcess):
-    """`llm-service serve ARGS` on a free port, its output in LOG_DIR."""
+    """`llm-service serve ARGS` on a free port, its output and request log in LOG_DIR."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, name: str = "server") -> None:
         port = free_port()
+        if "--database-url" not in args:  # each test server logs requests into its own file
+            args = (*args, "--database-url", f"sqlite:///{LOG_DIR / f'{name}-{port}.requests.db'}")
         cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
         super().__init__(cmd, port, LOG_DIR / f"{name}-{port}.log", name=name, env=env, cwd=ROOT)

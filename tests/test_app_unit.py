@@ -4,9 +4,12 @@ engine errors, loading and failed states. Uses the real tokenizer and a fake eng
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +22,8 @@ from server.tokenizer import Tokenizer
 from tests.fake_engine import FakeEngine
 
 MODEL = "smollm2-135m-instruct"
+# the apps' request logs go to a scratch file, not the user's cache folder
+UNIT = Settings(database_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='llm-unit-')) / 'requests.db'}")
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
@@ -32,7 +37,7 @@ def _served(tokenizer: Tokenizer, engine: FakeEngine) -> Served:
 
 
 def _client(tokenizer: Tokenizer, engine: FakeEngine) -> Iterator[TestClient]:
-    app = create_app(Settings(), loader=lambda s: _served(tokenizer, engine))
+    app = create_app(UNIT, loader=lambda s: _served(tokenizer, engine))
     with TestClient(app) as c:
         deadline = time.monotonic() + 10
         while c.get("/health").status_code != 200:
@@ -110,7 +115,7 @@ def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngin
         release.wait(10)
         return _served(tokenizer, engine)
 
-    with TestClient(create_app(Settings(), loader=slow_loader)) as c:
+    with TestClient(create_app(UNIT, loader=slow_loader)) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         err = c.post("/v1/chat/completions", json=CHAT)
@@ -130,7 +135,7 @@ def test_failed_load_reports_and_calls_on_fatal() -> None:
     def broken(_: Settings) -> Served:
         raise models.ModelSourceError("no such model, do X")
 
-    with TestClient(create_app(Settings(), loader=broken, on_fatal=fatal.append)) as c:
+    with TestClient(create_app(UNIT, loader=broken, on_fatal=fatal.append)) as c:
         deadline = time.monotonic() + 5
         while not fatal:
             assert time.monotonic() < deadline
@@ -153,7 +158,7 @@ def test_chat_template_is_the_models_own(tokenizer: Tokenizer) -> None:
 
 
 def test_logprobs_above_the_servers_limit_are_refused_before_streaming(tokenizer: Tokenizer, engine: FakeEngine) -> None:
-    app = create_app(Settings(max_logprobs=2), loader=lambda s: _served(tokenizer, engine))
+    app = create_app(replace(UNIT, max_logprobs=2), loader=lambda s: _served(tokenizer, engine))
     with TestClient(app) as c:
         while c.get("/health").status_code != 200:
             time.sleep(0.01)

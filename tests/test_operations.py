@@ -347,3 +347,16 @@ def test_shutdown_timeout_aborts_what_is_left_and_still_exits_0() -> None:
         assert "Traceback" not in proc.log_text()
     finally:
         proc.stop()
+
+
+def test_the_terminal_chat_with_keys(ops: ServerProcess) -> None:
+    import subprocess
+    import sys
+
+    chat = [sys.executable, "-m", "clients.chat", "--base-url", ops.base_url, "--prompt", "Say hi."]
+    refused = subprocess.run([*chat, "--api-key", "sk-wrong-key-123"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "refused the API key" in refused.stderr
+    ok = subprocess.run([*chat, "--api-key", OPEN, "--max-tokens", "8"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
