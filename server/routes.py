@@ -146,7 +146,7 @@ class _Job:
     echoed: bool = False  # completions `echo`: the prompt went out with the first event
     cached_tokens: int | None = None  # prompt tokens the engine's prefix cache supplied
     last_event: float | None = None  # when its previous event came (inter-token latency)
-    text: str = ""  # the answer so far, for the request log
+    pieces: list[str] = field(default_factory=list)  # the answer, kept only with --log-content
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _Run:
             finish_reason=",".join(reasons) or None,
         )
         if self.prompt_text is not None:
-            texts = [j.text for j in self.jobs]
+            texts = ["".join(j.pieces) for j in self.jobs]
             self.note.update(prompt=self.prompt_text, answer=texts[0] if len(texts) == 1 else json.dumps(texts))
         self.metrics.prompt_tokens.labels(self.model).inc(usage.prompt_tokens)
         self.metrics.generation_tokens.labels(self.model).inc(usage.completion_tokens)
@@ -229,7 +229,8 @@ async def _generate_all(run: _Run) -> AsyncIterator[tuple[_Job, TokenEvent]]:
                 for _ in event.token_ids:
                     run.metrics.itl.labels(run.model).observe(gap)
             job.last_event = now
-            job.text += event.text
+            if run.prompt_text is not None:
+                job.pieces.append(event.text)
             yield job, event
     finally:
         run.close()

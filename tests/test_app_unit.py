@@ -36,8 +36,8 @@ def _served(tokenizer: Tokenizer, engine: FakeEngine) -> Served:
     return Served(name=MODEL, engine=engine, tokenizer=tokenizer, created=0, fingerprint="fp_test")
 
 
-def _client(tokenizer: Tokenizer, engine: FakeEngine) -> Iterator[TestClient]:
-    app = create_app(UNIT, loader=lambda s: _served(tokenizer, engine))
+def _client(tokenizer: Tokenizer, engine: FakeEngine, settings: Settings = UNIT) -> Iterator[TestClient]:
+    app = create_app(settings, loader=lambda s: _served(tokenizer, engine))
     with TestClient(app) as c:
         deadline = time.monotonic() + 10
         while c.get("/health").status_code != 200:
@@ -167,3 +167,14 @@ def test_logprobs_above_the_servers_limit_are_refused_before_streaming(tokenizer
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 3})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
         assert c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).status_code == 200
+
+
+def test_metrics_can_require_a_key(tokenizer: Tokenizer, engine: FakeEngine) -> None:
+    settings = replace(UNIT, api_key=("sk-metrics-1",), metrics_require_key=True)
+    for c in _client(tokenizer, engine, settings):
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer sk-metrics-1"}).status_code == 200
+        assert c.get("/live").status_code == 200  # probes stay open
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 401
+        ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-metrics-1"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"]
