@@ -152,20 +152,34 @@ async def test_a_full_queue_answers_429_at_once_while_admitted_requests_finish(o
     client = openai.AsyncOpenAI(base_url=ops.base_url, api_key=OPEN, max_retries=0, timeout=120)
 
     async def long_answer() -> int:
-        r = await client.chat.completions.create(model=MODEL, messages=LONG, max_tokens=16,
-                                                 extra_body={"min_tokens": 16})
+        r = await client.chat.completions.create(model=MODEL, messages=LONG, max_tokens=80,
+                                                 extra_body={"min_tokens": 80})
         return r.usage.completion_tokens
 
-    # 2 slots in the engine + 1 place in the queue
+    def gauge(name: str) -> float:
+        lines = [x for x in httpx.get(ops.url + "/metrics").text.splitlines() if x.startswith(name + "{")]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    # 2 slots in the engine + 1 place in the queue: wait until they are taken
     admitted = [asyncio.create_task(long_answer()) for _ in range(3)]
-    await asyncio.sleep(1.0)
-    started = time.monotonic()
-    with pytest.raises(openai.RateLimitError) as e:
-        await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
-    assert time.monotonic() - started < 2.0  # answered, not parked behind the queue
-    assert e.value.body["type"] == "server_overloaded"
-    assert e.value.response.headers["retry-after"] == "1"
-    assert await asyncio.gather(*admitted) == [16, 16, 16]
+    try:
+        for _ in range(200):
+            if gauge("llm_requests_running") == 2 and gauge("llm_requests_waiting") == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the three requests never filled the engine and the queue")
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as e:
+            await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+        assert time.monotonic() - started < 2.0  # answered, not parked behind the queue
+        assert e.value.body["type"] == "server_overloaded"
+        assert e.value.response.headers["retry-after"] == "1"
+        assert await asyncio.gather(*admitted) == [80, 80, 80]
+    finally:
+        for task in admitted:
+            task.cancel()
+        await asyncio.gather(*admitted, return_exceptions=True)
 
 
 def test_request_caps(ops: ServerProcess) -> None:
