@@ -94,7 +94,7 @@ def _served(request: Request, model: str | None = None) -> Served:
 
 async def _parse(request: Request, model: type[Body]) -> Body:
     limit = request.app.state.server.settings.max_request_bytes
-    raw = b""
+    raw = bytearray()
     async for part in request.stream():  # counted as it arrives: a body without Content-Length too
         raw += part
         if len(raw) > limit:
@@ -190,14 +190,13 @@ class _Run:
 
 
 async def _admit(request: Request, served: Served, jobs: list[_Job], route: str, max_tokens: int,
-                 prompt_text: str) -> _Run:
+                 prompt_text: Callable[[], str]) -> _Run:
     """The key's limits (429 at once), then a place in the engine (waits in the bounded queue, or
     429 when it is full). Cancelled if the client leaves while waiting."""
     state = request.app.state.server
     key: Key | None = getattr(request.state, "key", None)
-    prompt = sum(len(ids) for ids in {id(j.prompt_ids): j.prompt_ids for j in jobs}.values())
     try:
-        ticket = state.key_limits.admit(key, prompt + max_tokens * len(jobs))
+        ticket = state.key_limits.admit(key, _usage(jobs).prompt_tokens + max_tokens * len(jobs))
     except RateLimited as e:
         state.metrics.rejections.labels(e.reason).inc()
         raise
@@ -213,7 +212,7 @@ async def _admit(request: Request, served: Served, jobs: list[_Job], route: str,
     request.state.log = note
     return _Run(served.engine, jobs, state.metrics, served.name, route, ticket,
                 release=lambda: admission.release(len(jobs)), note=note,
-                prompt_text=prompt_text if state.settings.log_content else None)
+                prompt_text=prompt_text() if state.settings.log_content else None)
 
 
 async def _generate_all(run: _Run) -> AsyncIterator[tuple[_Job, TokenEvent]]:
@@ -428,16 +427,17 @@ async def chat_completions(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens, json.dumps(messages))
+    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens, lambda: json.dumps(messages))
     if body.stream:
-        return sse.stream(_chat_stream(served, body, jobs, head, run), on_close=run.close)
+        return sse.stream(_chat_stream(served, body, head, run), on_close=run.close)
     try:
-        return await _unless_disconnected(request, _chat_full(served, body, jobs, head, run))
+        return await _unless_disconnected(request, _chat_full(served, body, head, run))
     finally:
         run.close()
 
 
-async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run) -> Response:
+async def _chat_full(served: Served, body: ChatCompletionRequest, head: dict[str, Any], run: _Run) -> Response:
+    jobs = run.jobs
     texts = [""] * len(jobs)
     async for job, event in _generate_all(run):
         texts[job.index] += event.text
@@ -456,8 +456,10 @@ async def _chat_full(served: Served, body: ChatCompletionRequest, jobs: list[_Jo
 
 
 async def _chat_stream(
-    served: Served, body: ChatCompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run
+    served: Served, body: ChatCompletionRequest, head: dict[str, Any], run: _Run
 ) -> AsyncIterator[str]:
+    jobs = run.jobs
+
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _dump(ChatCompletionChunk(**head, choices=choices, usage=usage))
 
@@ -543,12 +545,12 @@ async def completions(request: Request) -> Response:
     rid = f"cmpl-{uuid.uuid4().hex}"
     jobs = _jobs(prompts, body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    prompt_text = prompts[0][1] if len(prompts) == 1 else json.dumps([text for _, text in prompts])
-    run = await _admit(request, served, jobs, "/v1/completions", max_tokens, prompt_text)
+    run = await _admit(request, served, jobs, "/v1/completions", max_tokens,
+                       lambda: prompts[0][1] if len(prompts) == 1 else json.dumps([text for _, text in prompts]))
     if body.stream:
-        return sse.stream(_completion_stream(served, body, jobs, head, run), on_close=run.close)
+        return sse.stream(_completion_stream(served, body, head, run), on_close=run.close)
     try:
-        return await _unless_disconnected(request, _completion_full(served, body, jobs, head, run))
+        return await _unless_disconnected(request, _completion_full(served, body, head, run))
     finally:
         run.close()
 
@@ -570,7 +572,8 @@ def _completion_piece(
     return text, logprobs
 
 
-async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run) -> Response:
+async def _completion_full(served: Served, body: CompletionRequest, head: dict[str, Any], run: _Run) -> Response:
+    jobs = run.jobs
     texts = [""] * len(jobs)
     lps: list[CompletionLogprobs | None] = [None] * len(jobs)
     async for job, event in _generate_all(run):
@@ -593,8 +596,10 @@ async def _completion_full(served: Served, body: CompletionRequest, jobs: list[_
 
 
 async def _completion_stream(
-    served: Served, body: CompletionRequest, jobs: list[_Job], head: dict[str, Any], run: _Run
+    served: Served, body: CompletionRequest, head: dict[str, Any], run: _Run
 ) -> AsyncIterator[str]:
+    jobs = run.jobs
+
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _dump(Completion(**head, choices=choices, usage=usage))
 

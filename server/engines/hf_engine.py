@@ -62,7 +62,6 @@ class _Step:
 
     prefill: bool
     row0: int  # first cache row of this batch (rows are contiguous)
-    rows: int
     positions: Any = None  # decode: tensor [rows], where each row's new token goes
     valid: Any = None  # decode: bool tensor [rows, 1, 1, T], keys each row may attend to
     span: int = 0  # decode: positions to read (longest row + 1)
@@ -193,8 +192,9 @@ class _Core:
 
     def __init__(self, model: Any, cache: _KVCache, torch: Any, *, max_seqs: int, budget_tokens: int,
                  prefill_tokens: int, max_model_len: int, eos_ids: frozenset[int], vocab: int, seed: int) -> None:
-        self.model, self.cache, self.torch = model, cache, torch
+        self.cache, self.torch = cache, torch
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's final logits
         self.max_seqs, self.budget_tokens, self.prefill_tokens = max_seqs, budget_tokens, prefill_tokens
         self.max_model_len = max_model_len
         self.eos_ids = eos_ids
@@ -334,7 +334,7 @@ class _Core:
         for i, s in enumerate(seqs):
             ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
         positions = torch.arange(longest).expand(len(seqs), longest)
-        self.cache.step = _Step(prefill=True, row0=row0, rows=len(seqs))
+        self.cache.step = _Step(prefill=True, row0=row0)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                               use_cache=False, kv_cache=self.cache).last_hidden_state
         lasts = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
@@ -357,7 +357,7 @@ class _Core:
         span = int(positions.max()) + 1
         self.cache.reserve(len(seqs), span, self.max_seqs, self.budget_tokens)
         valid = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
-        self.cache.step = _Step(prefill=False, row0=0, rows=len(seqs), positions=positions,
+        self.cache.step = _Step(prefill=False, row0=0, positions=positions,
                                 valid=valid[:, None, None, :], span=span)
         ids = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], use_cache=False,
@@ -368,9 +368,8 @@ class _Core:
 
     def _logits(self, hidden: Any) -> Any:
         logits = self.lm_head(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch_tanh_cap(self.torch, logits, cap)
+        if self.softcap:
+            logits = self.torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, : self.vocab]
 
     def _prompt_logprobs(self, seq: _Seq, hidden: Any) -> tuple[TokenLogprobs | None, ...]:
@@ -445,10 +444,6 @@ class _Core:
                     top = dict(zip(idx.tolist(), vals.tolist(), strict=True))
                 lps[i] = TokenLogprobs(chosen[i], float(raw[i, chosen[i]]), top)
         return chosen, lps
-
-
-def torch_tanh_cap(torch: Any, logits: Any, cap: float) -> Any:
-    return torch.tanh(logits / cap) * cap
 
 
 def _penalize(torch: Any, row: Any, seq: _Seq, device: Any) -> None:
