@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 
 from server import __version__
-from server.config import DEFAULT_MODEL_NAME, DTYPES, ENGINES, Settings, SettingsError
+from server.config import (
+    DEFAULT_MODEL_NAME,
+    DTYPES,
+    ENGINES,
+    EXECUTOR_BACKENDS,
+    Settings,
+    SettingsError,
+)
+
+ENV_PREFIX = "LLM_SERVICE_"
+# read elsewhere, not flags: the cache folder, and the test suite's own settings
+_OTHER_ENV = ("LLM_SERVICE_CACHE", "LLM_SERVICE_TEST_")
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
+def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (default: the embedded SmolLM2-135M-Instruct).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"Every flag can also be given as an environment variable, {ENV_PREFIX}<FLAG> "
+               f"(--database-url: {ENV_PREFIX}DATABASE_URL; on/off flags take 1/0, true/false); "
+               "the command line wins. Repeatable flags take a comma-separated list.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="local HF folder, .gguf file, or hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -37,6 +52,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--kv-cache-space", type=float, default=None, help="KV cache size in GiB (CPU default: min(4, RAM/4))")
     e.add_argument("--tensor-parallel-size", type=int, default=1)
     e.add_argument("--pipeline-parallel-size", type=int, default=1)
+    e.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
+                   help="how vLLM runs tensor/pipeline-parallel workers: mp (one machine) or ray "
+                        "(several machines in a Ray cluster; default: vLLM's choice)")
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (transformers default: 32)")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens in one forward pass (transformers: prompt tokens prefilled per step, default 1024)")
@@ -67,6 +85,43 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep prompt and answer text in the request log (off: counts and timings only)")
     o.add_argument("--request-log-buffer", type=int, default=10000,
                    help="rows that may wait for a slow or down database; beyond, rows are dropped and counted")
+    return p
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def env_settings(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> dict[str, object]:
+    """`LLM_SERVICE_<FLAG>` environment variables as flag values: what containers and Kubernetes
+    Secrets pass most easily, and a database password stays out of `ps`. They become the parser's
+    defaults, so a flag on the command line wins. ValueError names the variable a flag would refuse."""
+    values: dict[str, object] = {}
+    by_name = {ENV_PREFIX + a.dest.upper(): a for a in parser._actions if a.option_strings and a.dest != "help"}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name.startswith(_OTHER_ENV):
+            continue
+        action = by_name.get(name)
+        if action is None:
+            print(f"llm-service: ignoring {name}: no such flag (--{name[len(ENV_PREFIX):].lower().replace('_', '-')})",
+                  file=sys.stderr)
+            continue
+        value = raw.strip()
+        if isinstance(action, argparse._StoreTrueAction):
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
+            values[action.dest] = value.lower() in _TRUE
+            continue
+        if not value:
+            continue  # set but empty: as if unset (compose passes `VAR=` for an unset .env entry)
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(action, argparse._AppendAction) else [value]
+        try:
+            converted = [action.type(v) if callable(action.type) else v for v in items]
+        except ValueError as e:
+            raise ValueError(f"{name}={raw!r}: {e}") from None
+        if action.choices is not None and any(v not in action.choices for v in converted):
+            raise ValueError(f"{name}={raw!r}: must be one of {', '.join(map(str, action.choices))}")
+        values[action.dest] = converted if isinstance(action, argparse._AppendAction) else converted[0]
+    return values
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -134,15 +189,43 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its `serve` subparser."""
     parser = argparse.ArgumentParser(prog="llm-service", description="Self-hosted, OpenAI-compatible LLM inference server.")
     parser.add_argument("--version", action="version", version=f"llm-service {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
+    serve = _serve_parser(sub)
     # these two parse their own flags (see `llm-service chat --help`, `llm-service bench --help`)
     sub.add_parser("chat", help="streaming terminal chat with any OpenAI-compatible server", add_help=False)
     sub.add_parser("bench", help="load benchmark against any OpenAI-compatible server", add_help=False)
+    return parser, serve
+
+
+def parse_serve(
+    parser: argparse.ArgumentParser, serve: argparse.ArgumentParser, argv: Sequence[str] | None, environ: Mapping[str, str]
+) -> tuple[argparse.Namespace, list[str]]:
+    """`serve`'s arguments with `LLM_SERVICE_*` variables filling in what the command line leaves out."""
+    from_env = env_settings(serve, environ)
+    lists = {a.dest for a in serve._actions if isinstance(a, argparse._AppendAction)}
+    # as defaults, so a flag given on the command line wins (for repeatable flags, after parsing:
+    # argparse would add the command line's values to a default list instead of replacing it)
+    serve.set_defaults(**{k: v for k, v in from_env.items() if k not in lists})
     args, rest = parser.parse_known_args(argv)
+    for dest in lists & from_env.keys():
+        if getattr(args, dest) is None:
+            setattr(args, dest, from_env[dest])
+    return args, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, serve = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        try:
+            args, rest = parse_serve(parser, serve, argv, os.environ)
+        except ValueError as e:
+            print(f"llm-service: {e}", file=sys.stderr)
+            return 2
     if args.command == "chat":
         from clients import chat
 

@@ -15,6 +15,9 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
+# vLLM's executors for tensor/pipeline parallelism: mp (processes on one machine), ray (a Ray
+# cluster, several machines), uni (one process), external_launcher (torchrun)
+EXECUTOR_BACKENDS: tuple[str, ...] = ("mp", "ray", "uni", "external_launcher")
 
 
 class SettingsError(ValueError):
@@ -53,6 +56,7 @@ class Settings:
     kv_cache_space: float | None = None  # GiB
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's choice (mp on one machine)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
@@ -75,6 +79,9 @@ class Settings:
         self._check_positive("port", self.port, upper=65535)
         if self.engine not in ENGINES:
             raise SettingsError("engine", f"must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise SettingsError("distributed_executor_backend",
+                                f"must be one of {', '.join(EXECUTOR_BACKENDS)}, not {self.distributed_executor_backend!r}")
         if self.dtype not in DTYPES:
             raise SettingsError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

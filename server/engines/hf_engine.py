@@ -578,8 +578,8 @@ class HFEngine:
         from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
         from transformers.masking_utils import AttentionMaskInterface
 
-        if settings.tensor_parallel_size != 1 or settings.pipeline_parallel_size != 1:
-            raise ValueError("--tensor-parallel-size and --pipeline-parallel-size need the vLLM engine")
+        if settings.tensor_parallel_size != 1 or settings.pipeline_parallel_size != 1 or settings.distributed_executor_backend:
+            raise ValueError("--tensor-parallel-size, --pipeline-parallel-size and --distributed-executor-backend need the vLLM engine")
         config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=settings.trust_remote_code)
         device = _device(torch)
         dtype = _dtype(torch, settings.dtype, config, device)
