@@ -85,10 +85,42 @@ def _top(position: Mapping[int, Any] | None, k: int) -> dict[int, float]:
     return {tid: lp.logprob for tid, lp in ranked if lp.rank is not None and lp.rank <= k}
 
 
+class _SchedulerStats:
+    """What vLLM's scheduler reports after each step, through a stat logger of our own (its
+    default loggers stay off: no periodic log lines, no second Prometheus registry)."""
+
+    def __init__(self) -> None:
+        self.kv_cache_usage = 0.0
+
+    def logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        holder = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    holder.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger(vllm_config, engine_index)
+
+
 class VLLMEngine:
     def __init__(self, llm: Any, info: EngineInfo) -> None:
         self.llm = llm
         self.info = info
+        self.stats = _SchedulerStats()
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's blocks held by running requests, as of the last step."""
+        return self.stats.kv_cache_usage
 
     @classmethod
     def start(cls, model_path: Path, settings: Settings) -> VLLMEngine:
@@ -97,7 +129,10 @@ class VLLMEngine:
 
         # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
         # frame alive, and shutdown() must be able to drop the last reference (see there).
-        engine = cls(AsyncLLM.from_engine_args(engine_args(model_path, settings)), EngineInfo("vllm", 0))
+        stats = _SchedulerStats()
+        engine = cls(AsyncLLM.from_engine_args(engine_args(model_path, settings), stat_loggers=[stats.logger]),
+                     EngineInfo("vllm", 0))
+        engine.stats = stats
         config = engine.llm.vllm_config
         engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
                                  max_num_seqs=int(config.scheduler_config.max_num_seqs))

@@ -40,3 +40,24 @@ def test_root_says_what_it_is(http: httpx.Client) -> None:
     assert "POST /v1/chat/completions" in r["routes"]
     assert http.get(r["docs"]).status_code == 200
     assert http.get(r["openapi"]).json()["info"]["title"] == "llm-service"
+
+
+def _kv_usage(http: httpx.Client) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "llm_kv_cache_usage_ratio" and sample.labels.get("model") == MODEL:
+                return sample.value
+    raise AssertionError("llm_kv_cache_usage_ratio is missing from /metrics")
+
+
+def test_metrics_report_kv_cache_use_while_answering(client: openai.OpenAI, http: httpx.Client) -> None:
+    """Both engines: the dashboard's and autoscaler's KV-cache gauge moves with load."""
+    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=64,
+                                       temperature=0, stream=True, extra_body={"min_tokens": 64})
+    seen = []
+    for i, _ in enumerate(stream):
+        if i in (8, 32):
+            seen.append(_kv_usage(http))
+    assert all(0 < u <= 1 for u in seen), seen
