@@ -14,6 +14,9 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
+REJECTION_REASONS = ("requests", "tokens", "concurrency", "queue_full")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -38,6 +41,9 @@ class Metrics:
         self.log_backlog = Gauge("llm_request_log_backlog", "Request log rows not yet written", registry=r)
         self.rejections = Counter("llm_rate_limit_rejections", "Requests answered 429, by reason "
                                   "(requests, tokens, concurrency, queue_full)", ["reason"], registry=r)
+        # every reason exists from the start at 0, so rate() and alerts see the first rejection
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
