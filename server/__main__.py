@@ -106,13 +106,13 @@ def env_settings(parser: argparse.ArgumentParser, environ: Mapping[str, str]) ->
                   file=sys.stderr)
             continue
         value = raw.strip()
+        if not value:
+            continue  # set but empty: as if unset (an env file's `VAR=` line)
         if isinstance(action, argparse._StoreTrueAction):
             if value.lower() not in _TRUE | _FALSE:
                 raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
             values[action.dest] = value.lower() in _TRUE
             continue
-        if not value:
-            continue  # set but empty: as if unset (compose passes `VAR=` for an unset .env entry)
         items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(action, argparse._AppendAction) else [value]
         try:
             converted = [action.type(v) if callable(action.type) else v for v in items]

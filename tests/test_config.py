@@ -88,6 +88,7 @@ def test_flags_from_the_environment_and_the_command_line_wins(capsys: pytest.Cap
     s = _parse(["--port", "9002", "--api-key", "sk-three-12345"], env)
     assert s.port == 9002 and s.api_key == ("sk-three-12345",)
     assert _parse([], {"LLM_SERVICE_LOG_CONTENT": "0"}).log_content is False
+    assert _parse([], {"LLM_SERVICE_LOG_CONTENT": "", "LLM_SERVICE_PORT": " "}).port == 8000
 
 
 @pytest.mark.parametrize(
