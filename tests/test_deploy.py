@@ -4,6 +4,7 @@ against the real server. (test_deploy_live.py runs nginx and Prometheus' tools f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -224,7 +225,9 @@ def test_make_up_creates_passwords_and_an_admin_key(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Kubernetes
 
 
+@functools.cache
 def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
+    """Every manifest, parsed once for the whole module (read-only: tests must not mutate them)."""
     return [(p, d) for p in sorted(K8S.rglob("*.yaml")) if not p.name.endswith(".values.yaml")
             for d in load_all(p) if d.get("kind") != "Kustomization"]
 
