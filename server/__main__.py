@@ -35,8 +35,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                "the command line wins. Repeatable flags take a comma-separated list.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="local HF folder, .gguf file, or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    m.add_argument("--served-model-name", default=None, help=f"model id clients use (default: {DEFAULT_MODEL_NAME} for the default model, else --model)")
+    m.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE",
+                   help="local HF folder, .gguf file, or hub id (default: the embedded SmolLM2-135M-Instruct, "
+                        "source 'default'); repeat it to serve several models, each named NAME=SOURCE")
+    m.add_argument("--served-model-name", default=None, help=f"model id clients use for the one --model (default: {DEFAULT_MODEL_NAME} for the default model, else --model)")
+    m.add_argument("--models-file", default=None,
+                   help="YAML file of models (name, source, engine, settings, preload) and aliases (see README)")
     m.add_argument("--cache-dir", default=None, help="where converted and downloaded models are kept (default: $LLM_SERVICE_CACHE or $XDG_CACHE_HOME/llm-service)")
     m.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a model's own Python code from the hub")
     h = p.add_argument_group("http")
@@ -63,6 +67,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(the transformers engine always runs eagerly)")
     e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
+    mm = p.add_argument_group("many models")
+    mm.add_argument("--memory-budget", type=float, default=None,
+                    help="GiB the models may hold together (GPU memory with a GPU, else RAM); a model "
+                         "that would not fit is refused (507) (default: 90%% of the device's memory)")
+    mm.add_argument("--evict-idle", action="store_true", default=None,
+                    help="make room for a model by unloading the least recently used idle lazy models")
+    mm.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS",
+                    help="unload a lazy model (preload: false) after this many seconds without requests")
+    mm.add_argument("--load-wait", type=float, default=60.0, metavar="SECONDS",
+                    help="how long a request waits for its lazy model to load before a 503 with Retry-After")
     o = p.add_argument_group("operations")
     o.add_argument("--api-key", action="append", default=None,
                    help="a key every /v1 request must present as 'Authorization: Bearer KEY' (repeatable)")
@@ -184,7 +198,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = Server(config)
     server.run()
     if fatal:
-        print(f"llm-service: could not serve {settings.model_name}: {fatal[0]}", file=sys.stderr)
+        names = ", ".join(m.name for m in settings.served_models)
+        print(f"llm-service: could not serve {names}: {fatal[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,8 +1,10 @@
 """FastAPI app factory and lifespan: the model is prepared and the engine started here, nowhere else.
 
-The HTTP server starts answering at once; the model loads in the background, so `/live` is 200
-and `/health` is 503 ("loading") until it is ready. A load that fails is logged with what to do
-about it and ends the process with a non-zero exit (through `on_fatal`).
+The HTTP server starts answering at once; the preloaded models load in the background (one at a
+time, see registry.py), so `/live` is 200 and `/health` is 503 ("loading") until they are ready.
+A preload that fails is logged with what to do about it and ends the process with a non-zero exit
+(through `on_fatal`); models loaded later (lazy ones, the admin API) that fail are reported as
+failed and the server serves on.
 """
 
 from __future__ import annotations
@@ -23,33 +25,31 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
+from server.admin import router as admin_router
 from server.auth import Keys
 from server.config import Settings
-from server.errors import AuthenticationError, install_handlers
-from server.limits import Admission, KeyLimits
+from server.errors import APIError, AuthenticationError, install_handlers
+from server.limits import KeyLimits
 from server.metrics import Metrics
-from server.routes import Served, router
+from server.registry import Estimator, Loader, Registry, Served, estimate
+from server.routes import router
 from server.store import RequestLog, Row, utcnow
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "stopping"]
-# blocking: prepares the model and starts an engine; runs in a worker thread
-Loader = Callable[[Settings], Served]
 
 
 @dataclass
 class ServerState:
     settings: Settings
-    status: Status = "loading"
+    registry: Registry
+    metrics: Metrics
+    status: Status = "loading"  # the server's: "ready" once every preloaded model is
     detail: str = ""
-    served: Served | None = None
-    model_path: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     keys: Keys = field(default_factory=lambda: Keys([]))
     key_limits: KeyLimits = field(default_factory=KeyLimits)
-    metrics: Metrics = field(default_factory=Metrics)
-    admission: Admission | None = None  # sized from the engine once it is ready
     request_log: RequestLog | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
 
@@ -60,10 +60,12 @@ class ServerState:
 
         async def wait() -> None:
             deadline = time.monotonic() + timeout
-            while self.admission is not None and (self.admission.in_use or self.admission.waiting):
+            while self.registry.busy():
                 if time.monotonic() >= deadline:
+                    left = [(e.admission.in_use, e.admission.waiting) for e in self.registry.entries.values()
+                            if e.admission is not None]
                     log.warning("shutdown timeout: aborting %d running and %d queued sequences",
-                                self.admission.in_use, self.admission.waiting)
+                                sum(r for r, _ in left), sum(w for _, w in left))
                     break
                 await asyncio.sleep(0.05)
             then()
@@ -76,21 +78,25 @@ class ServerState:
 
     def unavailable_reason(self) -> str:
         if self.status == "loading":
-            return f"The model {self.settings.model_name} is still loading; retry shortly."
+            loading = [e.name for e in self.registry.entries.values() if e.spec.preload and e.state == "loading"]
+            return f"The model{'s' if len(loading) > 1 else ''} {', '.join(loading)} still loading; retry shortly."
         if self.status == "stopping":
             return "The server is shutting down."
-        return f"The model {self.settings.model_name} is not available: {self.detail}"
+        return f"The server cannot serve: {self.detail}"
 
 
-def load_served(settings: Settings) -> Served:
-    """Resolve the model source, load its tokenizer, start the engine."""
+def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
+    """Resolve the model source, load its tokenizer, start the engine (blocking)."""
     from server import engines, models
     from server.engines.base import Engine
     from server.tokenizer import Tokenizer
 
     name, why = engines.pick(settings.engine)
+    progress("preparing the model files")
     path = models.resolve(settings)
+    progress("loading the tokenizer")
     tokenizer = Tokenizer(path, trust_remote_code=settings.trust_remote_code)
+    progress(f"starting the {name} engine")
     log.info("starting the %s engine (%s) for %s (%s)", name, why, settings.model_name, path)
     engine: Engine
     if name == "vllm":
@@ -107,17 +113,21 @@ def load_served(settings: Settings) -> Served:
         tokenizer=tokenizer,
         created=int(time.time()),
         fingerprint=f"fp_llm-service-{__version__}-{engine.info.name}",
+        path=str(path),
     )
 
 
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/health", "/ready", "/live", "/metrics", "/")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/admin/models",
+          "/v1/admin/system", "/health", "/ready", "/live", "/metrics", "/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 def _route(path: str) -> str:
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/admin/models/"):
+        return "/v1/admin/models/{model}"
     return path if path in ROUTES else "other"
 
 
@@ -161,6 +171,9 @@ class Gate:
                     status = message["status"]
                     out = MutableHeaders(scope=message)
                     out["x-request-id"] = request_id
+                    # which model served it: an alias's chosen variant, for A/B comparisons
+                    if served_by := scope["state"].get("model"):
+                        out["x-llm-model"] = served_by
                     for name, value in state.key_limits.headers(key).items():
                         if name not in out:
                             out[name] = value
@@ -168,14 +181,15 @@ class Gate:
 
             await self.app(scope, receive, send_with_headers)
         finally:
-            state.metrics.requests.labels(_route(path), state.settings.model_name, str(status)).inc()
+            # the model that served it ("" before one was chosen: unknown names are not labels)
+            model = scope["state"].get("model", "")
+            state.metrics.requests.labels(_route(path), model, str(status)).inc()
             if state.request_log is not None and path.startswith("/v1/"):
                 note: dict[str, object] = scope["state"].get("log", {})
-                served = state.served
                 state.request_log.record(Row(
                     time=arrived, request_id=request_id, route=_route(path), status=status,
                     latency_ms=(time.monotonic() - started) * 1000, key_name=key.name if key else None,
-                    model=state.settings.model_name, engine=served.engine.info.name if served else None,
+                    model=model or None, engine=scope["state"].get("engine"), alias=scope["state"].get("alias"),
                     **note,  # type: ignore[arg-type]
                 ))
 
@@ -185,59 +199,57 @@ def create_app(
     loader: Loader = load_served,
     on_fatal: Callable[[str], None] | None = None,
     keys: Keys | None = None,
+    estimator: Estimator = estimate,
 ) -> FastAPI:
-    state = ServerState(settings, keys=keys or Keys.from_settings(settings.api_key, settings.api_keys_file))
+    metrics = Metrics()
+    registry = Registry(settings, metrics, loader, estimator)
+    for spec in settings.served_models:
+        registry.declare(spec)
+    state = ServerState(settings, registry, metrics,
+                        keys=keys or Keys.from_settings(settings.api_key, settings.api_keys_file))
 
-    async def load() -> None:
+    async def preload() -> None:
+        """Load every model declared with preload; the server is ready when all are. One that
+        fails ends the process (through `on_fatal`): a start with a broken model is a broken
+        deployment. Lazy models wait for their first request."""
+        entries = [e for e in registry.entries.values() if e.spec.preload]
         started = time.monotonic()
-        try:
-            served = await asyncio.to_thread(loader, settings)
-        except Exception as e:
-            message = str(e) or type(e).__name__
-            log.error("could not load model %s: %s", settings.model_name, message)
-            if not isinstance(e, RuntimeError | ValueError | OSError):
-                log.exception("load failure details")
+        for entry in entries:
+            try:
+                await registry.load(entry)
+            except APIError as e:  # does not fit the memory budget
+                entry.set("failed", e.message)
+        await asyncio.gather(*(e.done.wait() for e in entries if e.state == "loading"))
+        failed = [e for e in entries if e.state == "failed"]
+        if failed:
+            message = "; ".join(f"{e.name}: {e.detail}" for e in failed) if len(entries) > 1 else failed[0].detail
             state.fail(message)
             if on_fatal is not None:
                 on_fatal(message)
             return
-        attach = getattr(served.engine, "attach_to_loop", None)
-        if callable(attach):
-            attach()
-        model = served.name
-
-        def gauges(running: int, waiting: int) -> None:
-            state.metrics.running.labels(model).set(running)
-            state.metrics.waiting.labels(model).set(waiting)
-
-        state.admission = Admission(served.engine.info.max_num_seqs, settings.max_queued_requests, gauges)
-        state.served = served
-        state.model_path = str(getattr(served.tokenizer.hf, "name_or_path", "")) or None
-        state.status = "ready"
-        log.info(
-            "model %s ready on the %s engine in %.1f s (max context %d tokens)",
-            served.name, served.engine.info.name, time.monotonic() - started,
-            served.engine.info.max_model_len,
-        )
+        if state.status == "loading":
+            state.status = "ready"
+            if len(entries) > 1:
+                log.info("all %d preloaded models ready in %.1f s", len(entries), time.monotonic() - started)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
-        metrics = state.metrics
         state.request_log = RequestLog(settings.request_log_url, settings.request_log_buffer,
                                        on_dropped=metrics.log_dropped.inc, on_error=metrics.log_errors.inc)
         state.request_log.start()
         log.info("request log: %s", state.request_log.db.url.render_as_string(hide_password=True))
-        loading = asyncio.create_task(load())
+        loading = asyncio.create_task(preload())
+        reaper = (asyncio.create_task(registry.unload_idle(settings.idle_unload))
+                  if settings.idle_unload is not None else None)
         try:
             yield
         finally:
             state.status = "stopping"
-            if not loading.done():
-                # the load runs in a thread that cannot be interrupted; let it finish, then stop
-                await asyncio.gather(loading, return_exceptions=True)
-            if state.served is not None:
-                await state.served.engine.shutdown()
+            if reaper is not None:
+                reaper.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await registry.close()
             # last: the rows of requests the shutdown ended are in the buffer by now
             await asyncio.to_thread(state.request_log.stop)
 
@@ -250,6 +262,6 @@ def create_app(
     app.state.server = state
     install_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(Gate, state=state)
     return app
-

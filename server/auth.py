@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.errors import AuthenticationError
+from server.errors import AuthenticationError, PermissionDenied
 
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent")
 
@@ -129,6 +129,11 @@ class Keys:
     @property
     def enabled(self) -> bool:
         return bool(self.keys)
+
+    def require_admin(self, key: Key | None, what: str) -> None:
+        """403 unless keys are off or `key` is an admin key."""
+        if self.enabled and (key is None or not key.admin):
+            raise PermissionDenied(f"{what} needs an admin key (admin: true in the keys file).")
 
     def authenticate(self, authorization: str | None) -> Key | None:
         """The key behind an `Authorization: Bearer ...` header; None when keys are off."""

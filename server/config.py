@@ -6,8 +6,9 @@ print one clear line instead of a traceback.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,15 @@ ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
 # vLLM's executors for tensor/pipeline parallelism: mp (processes on one machine), ray (a Ray
 # cluster, several machines), uni (one process), external_launcher (torchrun)
 EXECUTOR_BACKENDS: tuple[str, ...] = ("mp", "ray", "uni", "external_launcher")
+# engine settings one model may set for itself (a models file's `settings:`, the admin API);
+# everything else (HTTP, keys, limits, the request log) is the server's
+MODEL_SETTINGS: tuple[str, ...] = (
+    "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space", "tensor_parallel_size",
+    "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs", "max_num_batched_tokens",
+    "enforce_eager", "seed", "max_logprobs", "trust_remote_code",
+)
+# `--model NAME=default` / a models file's `source: default`: the embedded default model
+DEFAULT_SOURCE = "default"
 
 
 class SettingsError(ValueError):
@@ -27,6 +37,124 @@ class SettingsError(ValueError):
         flag = "--" + name.replace("_", "-")
         super().__init__(f"{flag}: {message}")
         self.name = name
+
+
+class ModelSpecError(ValueError):
+    """A model or alias declaration is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model the server serves, declared at start (`--model`, `--models-file`) or through
+    `POST /v1/admin/models`. `settings` override the server's engine settings for this model."""
+
+    name: str
+    source: str | None = None  # None: the embedded default model
+    engine: str | None = None  # None: the server's --engine
+    preload: bool = True  # False: loaded by its first request (and unloaded by --idle-unload)
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelSpec:
+        """From a models file entry or an admin API body; ModelSpecError names what is wrong."""
+        if not isinstance(data, dict):
+            raise ModelSpecError(f"a model must be a mapping with name and source, not {data!r}")
+        unknown = set(data) - {"name", "source", "engine", "preload", "settings"}
+        if unknown:
+            raise ModelSpecError(f"unknown field(s) {', '.join(sorted(unknown))} "
+                                 "(a model has name, source, engine, preload, settings)")
+        name = data.get("name")
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ModelSpecError(f"'name' must be a non-empty string without surrounding spaces, not {name!r}")
+        source = data.get("source")
+        if source is not None and (not isinstance(source, str) or not source.strip()):
+            raise ModelSpecError(f"model {name!r}: 'source' must be a folder, .gguf file or hub id, not {source!r}")
+        engine = data.get("engine")
+        if engine is not None and engine not in ENGINES:
+            raise ModelSpecError(f"model {name!r}: 'engine' must be one of {', '.join(ENGINES)}, not {engine!r}")
+        preload = data.get("preload", True)
+        if not isinstance(preload, bool):
+            raise ModelSpecError(f"model {name!r}: 'preload' must be true or false, not {preload!r}")
+        settings = data.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise ModelSpecError(f"model {name!r}: 'settings' must be a mapping, not {settings!r}")
+        bad = sorted(set(settings) - set(MODEL_SETTINGS))
+        if bad:
+            raise ModelSpecError(f"model {name!r}: 'settings' cannot set {', '.join(bad)}; "
+                                 f"a model may set {', '.join(MODEL_SETTINGS)}")
+        spec = cls(name, None if source in (None, DEFAULT_SOURCE) else source, engine, preload,
+                   tuple(sorted(settings.items())))
+        return spec
+
+    def engine_settings(self, server: Settings) -> Settings:
+        """The server's settings with this model's source, name, engine and overrides; checked
+        like the command line's (SettingsError names the setting)."""
+        return replace(server, model=self.source, served_model_name=self.name, engine=self.engine or server.engine,
+                       models=(), aliases=(), models_file=None, **dict(self.settings))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source or DEFAULT_SOURCE, "engine": self.engine,
+                "preload": self.preload, "settings": dict(self.settings)}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A public model name for one model, or for weighted variants of an A/B trial."""
+
+    name: str
+    variants: tuple[tuple[str, float], ...]  # (model name, weight > 0)
+
+    @classmethod
+    def from_value(cls, name: str, value: Any) -> Alias:
+        if isinstance(value, str):
+            return cls(name, ((value, 1.0),))
+        if not isinstance(value, dict) or not value:
+            raise ModelSpecError(f"alias {name!r}: give a model name or a mapping of model names to weights, not {value!r}")
+        variants = []
+        for model, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+                raise ModelSpecError(f"alias {name!r}: the weight of {model!r} must be a positive number, not {weight!r}")
+            variants.append((str(model), float(weight)))
+        return cls(name, tuple(variants))
+
+    def describe(self) -> dict[str, float]:
+        total = sum(w for _, w in self.variants)
+        return {m: w / total for m, w in self.variants}
+
+
+def read_models_file(path: Path) -> tuple[tuple[ModelSpec, ...], tuple[Alias, ...]]:
+    """`--models-file`: YAML (or JSON) with `models:` (a list) and optional `aliases:`."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SettingsError("models_file", f"cannot read {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise SettingsError("models_file", f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise SettingsError("models_file", f"{path} must be a mapping with a 'models:' list")
+    unknown = set(data) - {"models", "aliases"}
+    if unknown:
+        raise SettingsError("models_file", f"{path}: unknown section(s) {', '.join(sorted(unknown))} (models, aliases)")
+    aliases = data.get("aliases") or {}
+    if not isinstance(aliases, dict):
+        raise SettingsError("models_file", f"{path}: 'aliases' must be a mapping of alias -> model or weights")
+    try:
+        return (tuple(ModelSpec.from_dict(m) for m in data["models"]),
+                tuple(Alias.from_value(str(k), v) for k, v in aliases.items()))
+    except ModelSpecError as e:
+        raise SettingsError("models_file", f"{path}: {e}") from None
+
+
+def _model_flag(value: str) -> ModelSpec:
+    """`--model SOURCE` or `--model NAME=SOURCE` (NAME has no '/': a path or hub id never starts so)."""
+    name, sep, source = value.partition("=")
+    if sep and name and "/" not in name and source:
+        return ModelSpec(name, None if source == DEFAULT_SOURCE else source)
+    if value == DEFAULT_SOURCE:
+        return ModelSpec(DEFAULT_MODEL_NAME)
+    return ModelSpec(value.rstrip("/"), value)
 
 
 def default_cache_dir() -> Path:
@@ -74,6 +202,14 @@ class Settings:
     database_url: str | None = None  # None: SQLite in the cache folder
     log_content: bool = False  # prompt and answer text in the request log
     request_log_buffer: int = 10000  # rows waiting for the database before they are dropped (counted)
+    # many models (empty: the one --model / the default model)
+    models: tuple[ModelSpec, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    models_file: Path | None = None  # where models and aliases came from (for messages)
+    memory_budget: float | None = None  # GiB the models may take together; None: 90% of the device's
+    evict_idle: bool = False  # make room by unloading the least recently used idle lazy model
+    idle_unload: float | None = None  # seconds: unload a lazy model idle this long
+    load_wait: float = 60.0  # seconds a request waits for its lazy model to load before a 503
 
     def __post_init__(self) -> None:
         self._check_positive("port", self.port, upper=65535)
@@ -116,8 +252,43 @@ class Settings:
             raise SettingsError("max_logprobs", "must not be negative")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise SettingsError("served_model_name", "must not be empty")
+        self._check_models()
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise SettingsError("memory_budget", f"must be a positive number of GiB, not {self.memory_budget}")
+        if self.idle_unload is not None and self.idle_unload <= 0:
+            raise SettingsError("idle_unload", f"must be a positive number of seconds, not {self.idle_unload}")
+        if self.load_wait < 0:
+            raise SettingsError("load_wait", "must not be negative")
         if self.log_level.lower() not in {"critical", "error", "warning", "info", "debug"}:
             raise SettingsError("log_level", f"unknown level {self.log_level!r}")
+
+    def _check_models(self) -> None:
+        if not self.models:
+            return
+        where = "models_file" if self.models_file is not None else "model"
+        if self.served_model_name is not None:
+            raise SettingsError("served_model_name", "names the one --model; with several models, "
+                                "name each (--model NAME=SOURCE, or name: in the models file)")
+        names = [m.name for m in self.models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SettingsError(where, f"model name(s) declared twice: {', '.join(twice)}")
+        for alias in self.aliases:
+            if alias.name in names:
+                raise SettingsError(where, f"alias {alias.name!r} has the name of a model")
+            missing = [m for m, _ in alias.variants if m not in names]
+            if missing:
+                raise SettingsError(where, f"alias {alias.name!r} points at undeclared model(s) {', '.join(missing)}")
+        for spec in self.models:
+            try:
+                spec.engine_settings(self)
+            except SettingsError as e:
+                raise SettingsError(where, f"model {spec.name!r}: {e}") from None
+
+    @property
+    def served_models(self) -> tuple[ModelSpec, ...]:
+        """What the server serves: the declared models, or the one --model (or the default)."""
+        return self.models or (ModelSpec(self.model_name, self.model),)
 
     @staticmethod
     def _check_positive(name: str, value: int, upper: int | None = None) -> None:
@@ -130,6 +301,24 @@ class Settings:
         """Build from parsed CLI arguments, ignoring keys that are not settings."""
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in names and v is not None}
+        models: list[ModelSpec] = []
+        aliases: tuple[Alias, ...] = ()
+        flags = kwargs.pop("model", None)
+        if isinstance(flags, str):
+            flags = [flags]
+        if flags:
+            specs = [_model_flag(v) for v in flags]
+            # one plain --model keeps its old meaning (its name from --served-model-name or itself)
+            if len(specs) == 1 and "=" not in flags[0] and "models_file" not in kwargs:
+                kwargs["model"] = specs[0].source
+            else:
+                models.extend(specs)
+        if "models_file" in kwargs:
+            kwargs["models_file"] = Path(kwargs["models_file"]).expanduser()
+            file_models, aliases = read_models_file(kwargs["models_file"])
+            models.extend(file_models)
+        if models:
+            kwargs["models"], kwargs["aliases"] = tuple(models), aliases
         if "cache_dir" in kwargs:
             kwargs["cache_dir"] = Path(kwargs["cache_dir"]).expanduser()
         if "api_keys_file" in kwargs:

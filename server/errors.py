@@ -141,6 +141,23 @@ class ServiceUnavailable(APIError):
     default_code = "service_unavailable"
 
 
+class Conflict(APIError):
+    """The request clashes with the server's state: a model by that name exists already."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class InsufficientMemory(APIError):
+    """A model does not fit in the memory budget beside the models already loaded (507, as
+    WebDAV's Insufficient Storage: the request is fine, the server has no room for it)."""
+
+    status_code = 507
+    type = "server_error"
+    default_code = "insufficient_memory"
+
+
 class EngineError(APIError):
     """The engine failed while serving a request that was valid."""
 

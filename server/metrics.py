@@ -34,6 +34,12 @@ class Metrics:
         self.waiting = Gauge("llm_requests_waiting", "Generation requests queued for a slot", ["model"], registry=r)
         self.kv_cache = Gauge("llm_kv_cache_usage_ratio", "Fraction of the KV cache budget in use "
                               "(engines that report it)", ["model"], registry=r)
+        self.alias_requests = Counter("llm_alias_requests", "Requests to an alias by the model (variant) "
+                                      "that served them", ["alias", "model"], registry=r)
+        self.model_state = Gauge("llm_model_state", "1 for each model's current state (unloaded, loading, "
+                                 "ready, failed, unloading)", ["model", "state"], registry=r)
+        self.model_memory = Gauge("llm_model_memory_bytes", "Memory a model holds (the larger of its "
+                                  "estimate and what its load measured)", ["model"], registry=r)
         self.log_dropped = Counter("llm_request_log_dropped", "Request log rows dropped because the "
                                    "buffer was full (database slow or down)", registry=r)
         self.log_errors = Counter("llm_request_log_write_errors", "Failed request log writes (retried)",

@@ -183,3 +183,36 @@ def download_from_hub(repo_id: str, hub_dir: Path) -> Path:
             "whether the model needs a token (HF_TOKEN)."
         ) from e
     return Path(path)
+
+
+def weights_bytes(settings: Settings) -> int | None:
+    """The size of `settings.model`'s weights once loaded, from file sizes (no loading, no
+    download): what placement checks a model against before it starts. None when it cannot be
+    known yet (a hub model not downloaded, a source that does not exist: its load will say why)."""
+    source = settings.model
+    try:
+        if source is None:
+            gguf = default_model_gguf()
+            folder = settings.cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{_gguf_key(gguf)}"
+            return _folder_weights(folder) if _is_complete(folder) else _gguf_weights(gguf)
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return _folder_weights(path)
+        if path.is_file() and path.suffix == ".gguf":
+            return _gguf_weights(path)
+        hub = settings.cache_dir / "hub" / f"models--{source.replace('/', '--')}"
+        return _folder_weights(hub) if hub.is_dir() else None
+    except (ModelSourceError, OSError, ValueError):
+        return None
+
+
+def _folder_weights(folder: Path) -> int | None:
+    files = list(folder.rglob("*.safetensors")) or list(folder.rglob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+def _gguf_weights(gguf: Path) -> int:
+    """A GGUF file is dequantized to bf16 on load: 2 bytes per parameter, whatever its quantization."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(gguf)).tensors) * 2

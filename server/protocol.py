@@ -326,6 +326,8 @@ class ModelCard(_Wire):
     engine: str | None = None
     max_model_len: int | None = None
     root: str | None = None
+    state: str | None = None  # ready, loading, or unloaded (lazy: its first request loads it)
+    variants: dict[str, float] | None = None  # an alias: the models it sends requests to, by share
 
 
 class ModelList(_Wire):

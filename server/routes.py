@@ -30,7 +30,6 @@ from server.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
-    PermissionDenied,
     RateLimited,
     ServiceUnavailable,
     invalid_request_from,
@@ -58,6 +57,7 @@ from server.protocol import (
     Usage,
     _SamplingFields,
 )
+from server.registry import Entry, Served
 from server.store import utcnow
 from server.tokenizer import Tokenizer
 
@@ -71,25 +71,21 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # --------------------------------------------------------------------------- plumbing
 
 
-@dataclass
-class Served:
-    """What the routes need once the model is loaded (see app.ServerState)."""
-
-    name: str
-    engine: Engine
-    tokenizer: Tokenizer
-    created: int
-    fingerprint: str
-
-
-def _served(request: Request, model: str | None = None) -> Served:
+async def _resolve(request: Request, model: str, user: str | None) -> tuple[Served, Entry]:
+    """The ready model this request goes to (an alias's variant; a lazy model loads first),
+    named on the request for the response header, metrics and the request log."""
     state = request.app.state.server
-    if model is not None and model != state.settings.model_name:
-        raise ModelNotFound(model)
-    served: Served | None = state.served
-    if state.status != "ready" or served is None:
+    if state.status in ("stopping", "failed"):
         raise ServiceUnavailable(state.unavailable_reason())
-    return served
+    entry, alias = await state.registry.resolve(model, user)
+    served: Served | None = entry.served
+    if served is None:
+        raise entry.unavailable()
+    request.state.model = entry.name
+    request.state.engine = served.engine.info.name
+    if alias is not None:
+        request.state.alias = alias.name
+    return served, entry
 
 
 async def _parse(request: Request, model: type[Body]) -> Body:
@@ -189,10 +185,10 @@ class _Run:
             self.metrics.e2e.labels(self.route, self.model).observe(time.monotonic() - self.started)
 
 
-async def _admit(request: Request, served: Served, jobs: list[_Job], route: str, max_tokens: int,
+async def _admit(request: Request, served: Served, entry: Entry, jobs: list[_Job], route: str, max_tokens: int,
                  prompt_text: Callable[[], str]) -> _Run:
-    """The key's limits (429 at once), then a place in the engine (waits in the bounded queue, or
-    429 when it is full). Cancelled if the client leaves while waiting."""
+    """The key's limits (429 at once), then a place in the model's engine (waits in its bounded
+    queue, or 429 when it is full). Cancelled if the client leaves while waiting."""
     state = request.app.state.server
     key: Key | None = getattr(request.state, "key", None)
     try:
@@ -200,7 +196,10 @@ async def _admit(request: Request, served: Served, jobs: list[_Job], route: str,
     except RateLimited as e:
         state.metrics.rejections.labels(e.reason).inc()
         raise
-    admission = state.admission
+    admission = entry.admission
+    if admission is None:
+        ticket.close(0)
+        raise entry.unavailable()
     try:
         await _unless_disconnected(request, admission.acquire(len(jobs)))
     except BaseException as e:
@@ -208,10 +207,20 @@ async def _admit(request: Request, served: Served, jobs: list[_Job], route: str,
         if isinstance(e, Overloaded):
             state.metrics.rejections.labels("queue_full").inc()
         raise
+    if entry.state != "ready":  # an unload began while it waited: it takes no new work
+        admission.release(len(jobs))
+        ticket.close(0)
+        raise entry.unavailable()
+    entry.requests += 1
+    entry.touch()
+
+    def release() -> None:
+        admission.release(len(jobs))
+        entry.touch()  # idle time counts from the end of its last request
+
     note: dict[str, Any] = {}
     request.state.log = note
-    return _Run(served.engine, jobs, state.metrics, served.name, route, ticket,
-                release=lambda: admission.release(len(jobs)), note=note,
+    return _Run(served.engine, jobs, state.metrics, served.name, route, ticket, release=release, note=note,
                 prompt_text=prompt_text() if state.settings.log_content else None)
 
 
@@ -405,7 +414,7 @@ def _chat_logprobs(tok: Tokenizer, items: Sequence[TokenLogprobs]) -> ChoiceLogp
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Response:
     body = await _parse(request, ChatCompletionRequest)
-    served = _served(request, body.model)
+    served, entry = await _resolve(request, body.model, body.user)
     messages = []
     for m in body.messages:
         # "developer" is OpenAI's newer name for the system role; templates know "system"
@@ -427,7 +436,7 @@ async def chat_completions(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     jobs = _jobs([(prompt_ids, "")], body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    run = await _admit(request, served, jobs, "/v1/chat/completions", max_tokens, lambda: json.dumps(messages))
+    run = await _admit(request, served, entry, jobs, "/v1/chat/completions", max_tokens, lambda: json.dumps(messages))
     if body.stream:
         return sse.stream(_chat_stream(served, body, head, run), on_close=run.close)
     try:
@@ -524,7 +533,7 @@ def _merge_logprobs(a: CompletionLogprobs | None, b: CompletionLogprobs) -> Comp
 @router.post("/v1/completions", response_model=None)
 async def completions(request: Request) -> Response:
     body = await _parse(request, CompletionRequest)
-    served = _served(request, body.model)
+    served, entry = await _resolve(request, body.model, body.user)
     tok = served.tokenizer
     prompts: list[tuple[list[int], str]] = []
     vocab = len(tok.hf)
@@ -545,7 +554,7 @@ async def completions(request: Request) -> Response:
     rid = f"cmpl-{uuid.uuid4().hex}"
     jobs = _jobs(prompts, body.n or 1, spec, rid)
     head = _envelope(served, rid)
-    run = await _admit(request, served, jobs, "/v1/completions", max_tokens,
+    run = await _admit(request, served, entry, jobs, "/v1/completions", max_tokens,
                        lambda: prompts[0][1] if len(prompts) == 1 else json.dumps([text for _, text in prompts]))
     if body.stream:
         return sse.stream(_completion_stream(served, body, head, run), on_close=run.close)
@@ -619,43 +628,68 @@ async def _completion_stream(
 # --------------------------------------------------------------------------- models, probes
 
 
-def _card(request: Request) -> ModelCard:
-    state = request.app.state.server
-    served: Served | None = state.served
+def _card(entry: Entry) -> ModelCard:
+    served = entry.served
     return ModelCard(
-        id=state.settings.model_name,
-        created=served.created if served else state.started,
+        id=entry.name,
+        created=served.created if served else int(entry.since),
         owned_by="llm-service",
-        engine=served.engine.info.name if served else state.settings.engine,
+        engine=served.engine.info.name if served else entry.settings.engine,
         max_model_len=served.engine.info.max_model_len if served else None,
-        root=state.model_path,
+        root=served.path if served else None,
+        state=entry.state,
     )
+
+
+def _cards(request: Request) -> list[ModelCard]:
+    """Every name a request may use now: models that are ready, loading, or lazy (their first
+    request loads them), and the aliases with a usable variant. Failed and unloading models are
+    left out: a request for them would fail."""
+    state = request.app.state.server
+    registry = state.registry
+    cards = [_card(e) for e in registry.entries.values() if e.usable]
+    for alias in registry.aliases.values():
+        if any(m in registry.entries and registry.entries[m].usable for m, _ in alias.variants):
+            cards.append(ModelCard(id=alias.name, created=state.started, owned_by="llm-service", variants=alias.describe()))
+    return cards
 
 
 @router.get("/v1/models", response_model=None)
 async def list_models(request: Request) -> Response:
-    return Response(_dump(ModelList(data=[_card(request)])), media_type="application/json")
+    return Response(_dump(ModelList(data=_cards(request))), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", response_model=None)
 async def get_model(model_id: str, request: Request) -> Response:
-    if model_id != request.app.state.server.settings.model_name:
-        raise ModelNotFound(model_id)
-    return Response(_dump(_card(request)), media_type="application/json")
+    for card in _cards(request):
+        if card.id == model_id:
+            return Response(_dump(card), media_type="application/json")
+    raise ModelNotFound(model_id)
 
 
 async def _readiness(request: Request) -> JSONResponse:
+    """Ready when every preloaded model is; a lazy model's state is reported, not required. An
+    engine found dead marks its model failed (and, for a preloaded one, the server not ready)."""
     state = request.app.state.server
-    engine = state.served.engine.info.name if state.served is not None else state.settings.engine
-    body: dict[str, Any] = {"status": state.status, "model": state.settings.model_name, "engine": engine}
-    if state.status == "ready" and state.served is not None:
+    registry = state.registry
+    for entry in registry.ready():
         try:
-            await state.served.engine.check_health()
+            await entry.served.engine.check_health()
         except Exception as e:  # the engine died: report it, the process stays up for probes
-            state.fail(f"the inference engine died: {e!r}")
-            body.update(status=state.status, detail=state.detail)
-            return JSONResponse(body, status_code=503)
-        body["running_requests"] = await state.served.engine.num_active_requests()
+            entry.set("failed", f"the inference engine died: {e!r}")
+            entry.served = None
+            if entry.spec.preload:
+                state.fail(f"the inference engine of {entry.name} died: {e!r}")
+    entries = list(registry.entries.values())
+    first = entries[0] if entries else None
+    body: dict[str, Any] = {
+        "status": state.status,
+        "model": first.name if first else None,
+        "engine": (first.served.engine.info.name if first.served else first.settings.engine) if first else None,
+        "models": {e.name: e.state for e in entries},
+    }
+    if state.status == "ready":
+        body["running_requests"] = sum([await e.served.engine.num_active_requests() for e in registry.ready()])
         return JSONResponse(body, status_code=200)
     body["detail"] = state.unavailable_reason()
     return JSONResponse(body, status_code=503)
@@ -683,9 +717,7 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     """Requests and tokens per key and model over [start, end) (default: the last 24 hours).
     Needs an admin key when keys are configured."""
     state = request.app.state.server
-    key: Key | None = getattr(request.state, "key", None)
-    if state.keys.enabled and (key is None or not key.admin):
-        raise PermissionDenied("GET /v1/usage needs an admin key (admin: true in the keys file).")
+    state.keys.require_admin(getattr(request.state, "key", None), "GET /v1/usage")
     now = utcnow()
     t0, t1 = _when(start, now - timedelta(days=1), "start"), _when(end, now + timedelta(seconds=1), "end")
     if t1 <= t0:
@@ -702,13 +734,17 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     state = request.app.state.server
-    served: Served | None = state.served
-    if served is not None:
-        kv = getattr(served.engine, "kv_cache_usage", None)
+    m = state.metrics
+    for entry in state.registry.entries.values():
+        for s in ("unloaded", "loading", "ready", "failed", "unloading"):
+            m.model_state.labels(entry.name, s).set(1 if entry.state == s else 0)
+        m.model_memory.labels(entry.name).set(entry.footprint if entry.state != "unloaded" else 0)
+        served = entry.served
+        kv = getattr(served.engine, "kv_cache_usage", None) if served is not None else None
         if callable(kv):
-            state.metrics.kv_cache.labels(served.name).set(kv())
+            m.kv_cache.labels(entry.name).set(kv())
     if state.request_log is not None:
-        state.metrics.log_backlog.set(state.request_log.backlog())
+        m.log_backlog.set(state.request_log.backlog())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -737,7 +773,8 @@ async def root(request: Request) -> dict[str, Any]:
         "name": "llm-service",
         "version": __version__,
         "description": "OpenAI-compatible LLM inference server. Point the openai SDK at base_url=<this server>/v1.",
-        "model": state.settings.model_name,
+        "model": next(iter(state.registry.entries), None),
+        "models": list(state.registry.entries),
         "status": state.status,
         "docs": "/docs",
         "openapi": "/openapi.json",
@@ -746,6 +783,10 @@ async def root(request: Request) -> dict[str, Any]:
             "POST /v1/completions",
             "GET /v1/models",
             "GET /v1/models/{model}",
+            "GET /v1/usage (admin)",
+            "GET|POST /v1/admin/models (admin)",
+            "GET|DELETE /v1/admin/models/{model} (admin)",
+            "GET /v1/admin/system (admin)",
             "GET /health",
             "GET /ready",
             "GET /live",

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BATCH = 500
 FLUSH_SECONDS = 10.0
 
@@ -40,6 +40,7 @@ requests_table = sa.Table(
     sa.Column("key_name", sa.String(128), nullable=True),
     sa.Column("model", sa.String(256), nullable=True),
     sa.Column("engine", sa.String(32), nullable=True),
+    sa.Column("alias", sa.String(256), nullable=True),  # the name the client asked for, when an alias
     sa.Column("route", sa.String(64), nullable=False),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("prompt_tokens", sa.Integer, nullable=True),
@@ -73,6 +74,7 @@ class Row:
     key_name: str | None = None
     model: str | None = None
     engine: str | None = None
+    alias: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None

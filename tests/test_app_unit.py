@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from server import models
 from server.app import create_app
 from server.config import Settings
-from server.routes import Served
+from server.registry import Served
 from server.tokenizer import Tokenizer
 from tests.fake_engine import FakeEngine
 
@@ -37,7 +37,7 @@ def _served(tokenizer: Tokenizer, engine: FakeEngine) -> Served:
 
 
 def _client(tokenizer: Tokenizer, engine: FakeEngine, settings: Settings = UNIT) -> Iterator[TestClient]:
-    app = create_app(settings, loader=lambda s: _served(tokenizer, engine))
+    app = create_app(settings, loader=lambda s, progress: _served(tokenizer, engine))
     with TestClient(app) as c:
         deadline = time.monotonic() + 10
         while c.get("/health").status_code != 200:
@@ -111,7 +111,7 @@ def test_dead_engine_turns_health_503(client: TestClient, engine: FakeEngine) ->
 def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngine) -> None:
     release = threading.Event()
 
-    def slow_loader(_: Settings) -> Served:
+    def slow_loader(_: Settings, progress: object) -> Served:
         release.wait(10)
         return _served(tokenizer, engine)
 
@@ -132,7 +132,7 @@ def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngin
 def test_failed_load_reports_and_calls_on_fatal() -> None:
     fatal: list[str] = []
 
-    def broken(_: Settings) -> Served:
+    def broken(_: Settings, progress: object) -> Served:
         raise models.ModelSourceError("no such model, do X")
 
     with TestClient(create_app(UNIT, loader=broken, on_fatal=fatal.append)) as c:
@@ -158,7 +158,7 @@ def test_chat_template_is_the_models_own(tokenizer: Tokenizer) -> None:
 
 
 def test_logprobs_above_the_servers_limit_are_refused_before_streaming(tokenizer: Tokenizer, engine: FakeEngine) -> None:
-    app = create_app(replace(UNIT, max_logprobs=2), loader=lambda s: _served(tokenizer, engine))
+    app = create_app(replace(UNIT, max_logprobs=2), loader=lambda s, progress: _served(tokenizer, engine))
     with TestClient(app) as c:
         while c.get("/health").status_code != 200:
             time.sleep(0.01)

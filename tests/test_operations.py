@@ -211,7 +211,7 @@ def test_metrics_move_after_requests(ops: ServerProcess) -> None:
     after = scrape()
     ok = f'llm_requests_total{{model="{MODEL}",route="/v1/chat/completions",status="200"}}'
     assert after[ok] == before.get(ok, 0) + 1
-    unauthorized = f'llm_requests_total{{model="{MODEL}",route="/v1/models",status="401"}}'
+    unauthorized = 'llm_requests_total{model="",route="/v1/models",status="401"}'  # no model was chosen
     assert after[unauthorized] == before.get(unauthorized, 0) + 1
     assert after[f'llm_generation_tokens_total{{model="{MODEL}"}}'] >= before.get(f'llm_generation_tokens_total{{model="{MODEL}"}}', 0) + 5
     count = f'llm_time_to_first_token_seconds_count{{model="{MODEL}"}}'

@@ -564,6 +564,25 @@ def _kv_budget_bytes(settings: Settings, torch: Any, device: str, weights: int) 
     return int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
 
 
+# beyond weights and KV cache: activations of a step, logits, torch's allocator slack
+ENGINE_OVERHEAD = GiB // 4
+
+
+def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+    """Memory this engine will hold for a model with `weights` bytes on a device of `total`
+    (the KV budget as `_kv_budget_bytes` will size it; on a GPU without a set size that is most
+    of what is free, so such a model fills the device)."""
+    if settings.kv_cache_space is not None:
+        kv = int(settings.kv_cache_space * GiB)
+    elif settings.gpu_memory_utilization is not None:
+        kv = max(int(settings.gpu_memory_utilization * total) - weights, 0)
+    elif device == "cuda":
+        kv = int(max(total - weights, 0) * 0.8)
+    else:
+        kv = int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
+    return weights + kv + ENGINE_OVERHEAD
+
+
 class HFEngine:
     def __init__(self, core: _Core, tokenizer: Tokenizer, info: EngineInfo) -> None:
         self.core = core

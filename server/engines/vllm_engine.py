@@ -32,6 +32,24 @@ def _cpu_kv_cache_bytes(settings: Settings) -> int:
     return int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
 
 
+# beyond weights and KV cache: the engine process (Python, torch, kernels' workspaces), measured
+# at ~0.9 GiB on CPU for a 135M model
+ENGINE_OVERHEAD = 1 * GiB
+# vLLM's own default share of a GPU
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+    """Memory this engine will hold for a model with `weights` bytes on a device of `total`."""
+    if device == "cuda" and settings.kv_cache_space is None:
+        # vLLM takes its share of the GPU up front, weights included
+        return int((settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION) * total)
+    if device == "cpu" and settings.gpu_memory_utilization is not None:
+        return int(settings.gpu_memory_utilization * total)
+    kv = int(settings.kv_cache_space * GiB) if settings.kv_cache_space is not None else _cpu_kv_cache_bytes(settings)
+    return weights + kv + ENGINE_OVERHEAD
+
+
 def engine_args(model_path: Path, settings: Settings) -> Any:
     """vLLM's engine arguments from our settings, with CPU defaults that fit a small box."""
     from vllm.engine.arg_utils import AsyncEngineArgs

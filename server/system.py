@@ -1,0 +1,68 @@
+"""What the machine has: CPU, memory, GPUs, and the memory this process (with the engine
+processes it started) uses. Read by `GET /v1/admin/system` and by the model registry, which
+places models against the memory of the device they load onto."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import psutil
+
+GiB = 1 << 30
+
+
+def gpus() -> list[dict[str, Any]]:
+    """Each visible CUDA device's name and memory; empty without one. Only asks torch when it
+    is already imported (the engines import it), so a vLLM-only parent never initializes CUDA
+    just to answer this."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append({"index": i, "name": torch.cuda.get_device_name(i), "total_bytes": total,
+                    "used_bytes": total - free, "free_bytes": free})
+    return out
+
+
+def device() -> str:
+    """Where the engines put models: "cuda" when torch sees a GPU, else "cpu" (RAM)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_total_bytes(kind: str) -> int:
+    if kind == "cuda":
+        return sum(g["total_bytes"] for g in gpus())
+    return psutil.virtual_memory().total
+
+
+def used_bytes(kind: str) -> int:
+    """Memory in use on `kind`: GPU memory device-wide, or on CPU the resident memory of this
+    process and its children (vLLM's engine runs in a child)."""
+    if kind == "cuda":
+        return sum(g["used_bytes"] for g in gpus())
+    me = psutil.Process(os.getpid())
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # ended meanwhile
+            continue
+    return total
+
+
+def snapshot() -> dict[str, Any]:
+    """CPU, memory and GPUs now (for the admin API)."""
+    memory = psutil.virtual_memory()
+    return {
+        "cpu": {"count": os.cpu_count(), "load_average": list(os.getloadavg()),
+                "percent": psutil.cpu_percent(interval=0.2)},
+        "memory": {"total_bytes": memory.total, "available_bytes": memory.available,
+                   "server_bytes": used_bytes("cpu")},
+        "gpus": gpus(),
+    }
