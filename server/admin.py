@@ -105,7 +105,7 @@ async def unload_model(name: str, request: Request) -> JSONResponse:
 async def system_info(request: Request) -> dict[str, Any]:
     registry = _registry(request, "GET /v1/admin/system")
     snapshot = await asyncio.to_thread(system.snapshot)
-    loaded = [e for e in registry.entries.values() if e.state in ("loading", "ready", "unloading")]
+    loaded = [e for e in registry.entries.values() if e.holds_memory]
     return {
         "object": "system",
         **snapshot,

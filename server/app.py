@@ -79,7 +79,8 @@ class ServerState:
     def unavailable_reason(self) -> str:
         if self.status == "loading":
             loading = [e.name for e in self.registry.entries.values() if e.spec.preload and e.state == "loading"]
-            return f"The model{'s' if len(loading) > 1 else ''} {', '.join(loading)} still loading; retry shortly."
+            many = len(loading) > 1
+            return f"The model{'s' if many else ''} {', '.join(loading)} {'are' if many else 'is'} still loading; retry shortly."
         if self.status == "stopping":
             return "The server is shutting down."
         return f"The server cannot serve: {self.detail}"
@@ -222,7 +223,7 @@ def create_app(
         await asyncio.gather(*(e.done.wait() for e in entries if e.state == "loading"))
         failed = [e for e in entries if e.state == "failed"]
         if failed:
-            message = "; ".join(f"{e.name}: {e.detail}" for e in failed) if len(entries) > 1 else failed[0].detail
+            message = " ".join(f"{e.name}: {e.detail}" for e in failed) if len(entries) > 1 else failed[0].detail
             state.fail(message)
             if on_fatal is not None:
                 on_fatal(message)

@@ -15,6 +15,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
 REJECTION_REASONS = ("requests", "tokens", "concurrency", "queue_full")
+MODEL_STATES = ("unloaded", "loading", "ready", "failed", "unloading")
 
 
 class Metrics:
@@ -50,6 +51,20 @@ class Metrics:
         # every reason exists from the start at 0, so rate() and alerts see the first rejection
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
+
+    def forget_model(self, model: str) -> None:
+        """A removed model's gauges go (a stale "unloading 1" would alert forever); its counters
+        and histograms stay, so rates over a window that saw it remain right."""
+        for gauge in (self.running, self.waiting, self.kv_cache, self.model_memory):
+            try:
+                gauge.remove(model)
+            except KeyError:
+                pass
+        for state in MODEL_STATES:
+            try:
+                self.model_state.remove(model, state)
+            except KeyError:
+                pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

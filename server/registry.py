@@ -30,7 +30,7 @@ from server.config import Alias, ModelSpec, Settings
 from server.engines.base import Engine
 from server.errors import Conflict, InsufficientMemory, ModelNotFound, ServiceUnavailable
 from server.limits import Admission
-from server.metrics import Metrics
+from server.metrics import MODEL_STATES, Metrics
 from server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,10 @@ class Entry:
     @property
     def footprint(self) -> int:
         return max(self.estimated_bytes or 0, self.measured_bytes or 0)
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in ("loading", "ready", "unloading")
 
     @property
     def busy(self) -> bool:
@@ -239,8 +243,7 @@ class Registry:
             self.budget = int(budget * GiB) if budget is not None else int(self.total * DEFAULT_BUDGET_SHARE)
 
     def used(self, besides: Entry | None = None) -> int:
-        return sum(e.footprint for e in self.entries.values()
-                   if e is not besides and e.state in ("loading", "ready", "unloading"))
+        return sum(e.footprint for e in self.entries.values() if e is not besides and e.holds_memory)
 
     def _place(self, entry: Entry, need: int | None) -> list[Entry]:
         """The models to evict so `entry` fits (usually none); 507 when it cannot fit."""
@@ -250,23 +253,23 @@ class Registry:
         if used + need <= self.budget:
             return []
         victims: list[Entry] = []
+        idle_lazy = sorted((e for e in self.entries.values()
+                            if e is not entry and e.state == "ready" and not e.spec.preload and not e.busy),
+                           key=lambda e: e.last_used)
         if self.settings.evict_idle:
-            idle = sorted((e for e in self.entries.values()
-                           if e is not entry and e.state == "ready" and not e.spec.preload and not e.busy),
-                          key=lambda e: e.last_used)
-            for victim in idle:
+            for victim in idle_lazy:
                 victims.append(victim)
                 used -= victim.footprint
                 if used + need <= self.budget:
                     return victims
         loaded = ", ".join(f"{e.name} {e.footprint / GiB:.2f}" for e in self.entries.values()
-                           if e is not entry and e.state in ("loading", "ready", "unloading")) or "none"
+                           if e is not entry and e.holds_memory) or "none"
         raise InsufficientMemory(
             f"The model {entry.name} does not fit: it needs about {need / GiB:.2f} GiB and "
             f"{(self.budget - self.used(besides=entry)) / GiB:.2f} GiB of the {self.budget / GiB:.2f} GiB "
             f"memory budget ({self.device}) are free (loaded, GiB: {loaded}). Unload a model, give this "
             "one a smaller KV cache (settings: kv_cache_space) or raise --memory-budget"
-            + ("." if self.settings.evict_idle else "; --evict-idle would unload idle lazy models to make room."),
+            + ("; --evict-idle would unload idle lazy models to make room." if idle_lazy and not self.settings.evict_idle else "."),
         )
 
     # ------------------------------------------------------------------ loading and unloading
@@ -291,9 +294,11 @@ class Registry:
             if victim.task is not None:
                 await asyncio.gather(victim.task, return_exceptions=True)
         async with self._one_load:
-            if entry.state != "loading":
+            if entry.state != "loading":  # deleted while it waited its turn
+                if entry.forget:
+                    self._remove(entry)
                 entry.done.set()
-                return  # deleted while it waited its turn
+                return
             before = await asyncio.to_thread(system.used_bytes, self.device)
             started = time.monotonic()
 
@@ -307,9 +312,9 @@ class Registry:
                 log.error("could not load model %s: %s", entry.name, message)
                 if not isinstance(e, RuntimeError | ValueError | OSError):
                     log.exception("load failure details")
-                if entry.state == "unloading" and entry.forget:
-                    self.entries.pop(entry.name, None)
                 entry.set("failed", message)
+                if entry.forget:  # DELETE came while it loaded
+                    self._remove(entry)
                 entry.done.set()
                 return
             entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, self.device) - before, 0)
@@ -348,7 +353,7 @@ class Registry:
         entry.forget = entry.forget or forget
         if entry.state in ("unloaded", "failed"):
             if entry.forget:
-                self.entries.pop(entry.name, None)
+                self._remove(entry)
             return
         if entry.state == "unloading":
             return
@@ -371,13 +376,29 @@ class Registry:
         self.metrics.running.labels(entry.name).set(0)
         self.metrics.waiting.labels(entry.name).set(0)
         if entry.forget:
-            if self.entries.get(entry.name) is entry:
-                del self.entries[entry.name]
+            self._remove(entry)
             log.info("model %s unloaded and removed", entry.name)
         else:
             entry.measured_bytes = None
             entry.set("unloaded", entry.detail)
             log.info("model %s unloaded (%s); its next request loads it again", entry.name, entry.detail)
+
+    def refresh_gauges(self) -> None:
+        """The per-model gauges that are read, not event-driven (at each /metrics scrape)."""
+        m = self.metrics
+        for entry in self.entries.values():
+            for state in MODEL_STATES:
+                m.model_state.labels(entry.name, state).set(1 if entry.state == state else 0)
+            m.model_memory.labels(entry.name).set(entry.footprint if entry.holds_memory else 0)
+            served = entry.served
+            kv = getattr(served.engine, "kv_cache_usage", None) if served is not None else None
+            if callable(kv):
+                m.kv_cache.labels(entry.name).set(kv())
+
+    def _remove(self, entry: Entry) -> None:
+        if self.entries.get(entry.name) is entry:
+            del self.entries[entry.name]
+            self.metrics.forget_model(entry.name)
 
     async def unload_idle(self, idle: float) -> None:
         """Runs while the server serves (--idle-unload): unloads lazy models idle that long."""

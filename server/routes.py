@@ -735,14 +735,7 @@ async def metrics(request: Request) -> Response:
 
     state = request.app.state.server
     m = state.metrics
-    for entry in state.registry.entries.values():
-        for s in ("unloaded", "loading", "ready", "failed", "unloading"):
-            m.model_state.labels(entry.name, s).set(1 if entry.state == s else 0)
-        m.model_memory.labels(entry.name).set(entry.footprint if entry.state != "unloaded" else 0)
-        served = entry.served
-        kv = getattr(served.engine, "kv_cache_usage", None) if served is not None else None
-        if callable(kv):
-            m.kv_cache.labels(entry.name).set(kv())
+    state.registry.refresh_gauges()
     if state.request_log is not None:
         m.log_backlog.set(state.request_log.backlog())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

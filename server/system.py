@@ -14,9 +14,31 @@ GiB = 1 << 30
 
 
 def gpus() -> list[dict[str, Any]]:
-    """Each visible CUDA device's name and memory; empty without one. Only asks torch when it
-    is already imported (the engines import it), so a vLLM-only parent never initializes CUDA
-    just to answer this."""
+    """Each visible CUDA device's name and memory; empty without one. Asks NVML (which vLLM
+    installs) where it can: unlike torch, it opens no CUDA context in this process, which would
+    cost memory on every GPU and force vLLM to spawn rather than fork its workers."""
+    try:
+        import pynvml
+    except ImportError:
+        return _torch_gpus()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return _torch_gpus()
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            out.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                        "total_bytes": int(memory.total), "used_bytes": int(memory.used), "free_bytes": int(memory.free)})
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _torch_gpus() -> list[dict[str, Any]]:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return []

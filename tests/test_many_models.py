@@ -292,3 +292,15 @@ def test_eviction_and_idle_unload(lazy: ServerProcess) -> None:
         time.sleep(0.2)
     assert states()["two"] == ("unloaded", "idle for 3 s")
     assert sdk.chat.completions.create(model="one", messages=HI, max_tokens=1).model == "one"  # loads again
+
+
+def test_a_preloaded_model_that_does_not_fit_stops_the_start() -> None:
+    proc = ServerProcess("--engine", "transformers", "--model", "a=default", "--model", "b=default",
+                         "--memory-budget", "0.6", name="does-not-fit")
+    try:
+        assert proc.wait_exit(120) == 1
+    finally:
+        proc.stop()
+    log = proc.log_text()
+    # each needs its weights (0.25 GiB) + the default KV cache (4 GiB): the refusal names model and budget
+    assert "could not serve a, b:" in log and "does not fit" in log and "0.60 GiB memory budget" in log

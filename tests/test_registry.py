@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -146,3 +147,35 @@ async def test_idle_lazy_models_are_unloaded_and_load_again() -> None:
         assert registry.get("lazy").requests == 0  # resolve does not count; admission does
     finally:
         reaper.cancel()
+
+
+async def test_delete_during_a_load_removes_the_model_when_the_load_ends() -> None:
+    gate = threading.Event()
+    fast = _loader()
+
+    def slow(settings: Settings, progress: Callable[[str], None]) -> Served:
+        gate.wait(10)
+        return fast(settings, progress)
+
+    s = Settings(**{**UNIT.__dict__, "models": (ModelSpec("a", "/a"), ModelSpec("b", "/b"))})  # type: ignore[arg-type]
+    registry = Registry(s, Metrics(), slow, lambda model, device, total: GiB // 10)
+    a, b = registry.declare(s.models[0]), registry.declare(s.models[1])
+    await registry.load(a)
+    await registry.load(b)  # waits for a's load
+    await asyncio.sleep(0.05)
+    assert b.detail == "waiting for another model's load to finish"
+    registry.refresh_gauges()  # a scrape: both have state gauges now
+    assert 'llm_model_state{model="a",state="loading"} 1.0' in registry.metrics.render().decode()
+    registry.unload(a, forget=True, why="test")  # while it loads
+    registry.unload(b, forget=True, why="test")  # while it waits its turn
+    assert (a.state, b.state) == ("unloading", "unloading")
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*(t for t in (a.task, b.task) if t is not None)), 10)
+    for _ in range(100):  # a's engine started: it is shut down, then the model removed
+        if not registry.entries:
+            break
+        await asyncio.sleep(0.02)
+    assert registry.entries == {}
+    registry.refresh_gauges()
+    metrics = registry.metrics.render().decode()
+    assert a.served is None and 'model="a"' not in metrics and 'model="b"' not in metrics  # no stale gauges
