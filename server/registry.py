@@ -210,6 +210,12 @@ class Registry:
         `user`). A lazy model is loaded, and the request waits for it up to --load-wait."""
         alias = self.aliases.get(name)
         entry = self._pick(alias, user) if alias is not None else self.get(name)
+        if entry.state == "unloading" and not entry.forget and entry.task is not None:
+            # an idle or evicted lazy model on its way out: let it finish, then load it again
+            try:
+                await asyncio.wait_for(asyncio.shield(entry.task), self.settings.load_wait)
+            except TimeoutError:
+                pass
         if entry.state == "unloaded":
             await self.load(entry)
         if entry.state == "loading" and not entry.spec.preload and self.settings.load_wait > 0:
@@ -302,6 +308,7 @@ class Registry:
                     self._remove(entry)
                 entry.done.set()
                 return
+            entry.detail = "starting"
             before = await asyncio.to_thread(system.used_bytes, self.device)
             started = time.monotonic()
 
@@ -417,7 +424,7 @@ class Registry:
         stop every engine."""
         tasks = [e.task for e in self.entries.values() if e.task is not None and not e.task.done()]
         for entry in self.entries.values():
-            if entry.state == "unloading" and entry.task is not None:
+            if entry.state == "unloading" and entry.task is not None and entry.served is not None:
                 entry.task.cancel()  # it waits for requests, which the shutdown has ended
         await asyncio.gather(*tasks, return_exceptions=True)
         for entry in list(self.entries.values()):

@@ -179,3 +179,20 @@ async def test_delete_during_a_load_removes_the_model_when_the_load_ends() -> No
     registry.refresh_gauges()
     metrics = registry.metrics.render().decode()
     assert a.served is None and 'model="a"' not in metrics and 'model="b"' not in metrics  # no stale gauges
+
+
+async def test_a_request_for_a_lazy_model_on_its_way_out_waits_and_loads_it_again() -> None:
+    registry = _registry([ModelSpec("lazy", "/l", preload=False)])
+    await _ready(registry, "lazy")
+    entry = registry.get("lazy")
+    assert entry.admission is not None and entry.served is not None
+    first_engine = entry.served.engine
+    await entry.admission.acquire(1)  # a request is still running
+    registry.unload(entry, forget=False, why="idle for 1 s")
+    waiting = asyncio.create_task(registry.resolve("lazy", None))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and entry.state == "unloading"
+    entry.admission.release(1)
+    again, _ = await asyncio.wait_for(waiting, 5)
+    assert again is entry and entry.state == "ready" and entry.served.engine is not first_engine
+    assert first_engine.dead  # type: ignore[attr-defined]
