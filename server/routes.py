@@ -77,7 +77,8 @@ async def _resolve(request: Request, model: str, user: str | None) -> tuple[Serv
     state = request.app.state.server
     if state.status in ("stopping", "failed"):
         raise ServiceUnavailable(state.unavailable_reason())
-    entry, alias = await state.registry.resolve(model, user)
+    # a lazy model may keep it waiting for its load: stop waiting if the client leaves
+    entry, alias = await _unless_disconnected(request, state.registry.resolve(model, user))
     served: Served | None = entry.served
     if served is None:
         raise entry.unavailable()
