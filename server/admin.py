@@ -35,8 +35,9 @@ def _registry(request: Request, what: str) -> Registry:
 
 
 def _memory(registry: Registry) -> dict[str, Any]:
+    used = registry.used()
     return {"device": registry.device or None, "budget_bytes": registry.budget or None,
-            "used_bytes": registry.used(), "free_bytes": (registry.budget - registry.used()) if registry.budget else None}
+            "used_bytes": used, "free_bytes": registry.budget - used if registry.budget else None}
 
 
 @router.get("/models")
@@ -110,6 +111,6 @@ async def system_info(request: Request) -> dict[str, Any]:
         "object": "system",
         **snapshot,
         "memory_budget": _memory(registry),
-        "models": [{"id": e.name, "state": e.state, "engine": e.describe()["engine"],
+        "models": [{"id": e.name, "state": e.state, "engine": e.engine,
                     "footprint_bytes": e.footprint, "footprint_gib": round(e.footprint / GiB, 2)} for e in loaded],
     }

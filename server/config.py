@@ -82,9 +82,8 @@ class ModelSpec:
         if bad:
             raise ModelSpecError(f"model {name!r}: 'settings' cannot set {', '.join(bad)}; "
                                  f"a model may set {', '.join(MODEL_SETTINGS)}")
-        spec = cls(name, None if source in (None, DEFAULT_SOURCE) else source, engine, preload,
+        return cls(name, None if source in (None, DEFAULT_SOURCE) else source, engine, preload,
                    tuple(sorted(settings.items())))
-        return spec
 
     def engine_settings(self, server: Settings) -> Settings:
         """The server's settings with this model's source, name, engine and overrides; checked

@@ -106,9 +106,14 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _materialized(gguf: Path, models_dir: Path, name: str) -> Path:
+    """Where `materialize_gguf` puts (or has put) the HF folder of `gguf`."""
+    return models_dir / f"{name}-{_gguf_key(gguf)}"
+
+
 def materialize_gguf(gguf: Path, models_dir: Path, name: str) -> Path:
     """Convert a GGUF file into a bf16 HF folder once; reuse it on every later start."""
-    target = models_dir / f"{name}-{_gguf_key(gguf)}"
+    target = _materialized(gguf, models_dir, name)
     if _is_complete(target):
         return target
     with _locked(models_dir / f".{target.name}.lock"):
@@ -193,7 +198,7 @@ def weights_bytes(settings: Settings) -> int | None:
     try:
         if source is None:
             gguf = default_model_gguf()
-            folder = settings.cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{_gguf_key(gguf)}"
+            folder = _materialized(gguf, settings.cache_dir / "models", DEFAULT_MODEL_NAME)
             return _folder_weights(folder) if _is_complete(folder) else _gguf_weights(gguf)
         path = Path(source).expanduser()
         if path.is_dir():

@@ -21,12 +21,12 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server import system
-from server.config import Alias, ModelSpec, Settings
+from server.config import DEFAULT_SOURCE, Alias, ModelSpec, Settings
 from server.engines.base import Engine
 from server.errors import Conflict, InsufficientMemory, ModelNotFound, ServiceUnavailable
 from server.limits import Admission
@@ -99,6 +99,16 @@ class Entry:
         return max(self.estimated_bytes or 0, self.measured_bytes or 0)
 
     @property
+    def engine(self) -> str:
+        """The engine serving it, else the one it is declared for (maybe "auto")."""
+        return self.served.engine.info.name if self.served is not None else self.settings.engine
+
+    @property
+    def idle_lazy(self) -> bool:
+        """A lazy model that is loaded and has no request: what --idle-unload and eviction unload."""
+        return self.state == "ready" and not self.spec.preload and not self.busy
+
+    @property
     def holds_memory(self) -> bool:
         return self.state in ("loading", "ready", "unloading")
 
@@ -136,8 +146,8 @@ class Entry:
             "state": self.state,
             "detail": self.detail or None,
             "state_since": int(self.since),
-            "engine": served.engine.info.name if served else self.settings.engine,
-            "source": self.spec.describe()["source"],
+            "engine": self.engine,
+            "source": self.spec.source or DEFAULT_SOURCE,
             "preload": self.spec.preload,
             "settings": dict(self.spec.settings),
             "max_model_len": served.engine.info.max_model_len if served else None,
@@ -205,11 +215,22 @@ class Registry:
     def busy(self) -> bool:
         return any(e.busy for e in self.entries.values())
 
-    async def resolve(self, name: str, user: str | None) -> tuple[Entry, Alias | None]:
+    async def resolve(self, name: str, user: str | None,
+                      wait: Callable[[Awaitable[None]], Awaitable[None]] | None = None) -> tuple[Entry, Alias | None]:
         """The ready model a request for `name` goes to (an alias picks a variant, sticky per
-        `user`). A lazy model is loaded, and the request waits for it up to --load-wait."""
+        `user`). A lazy model is loaded, and the request waits for it up to --load-wait, through
+        `wait` when given (the routes stop waiting when the client leaves)."""
         alias = self.aliases.get(name)
         entry = self._pick(alias, user) if alias is not None else self.get(name)
+        if entry.state != "ready":
+            await (wait or (lambda work: work))(self._make_ready(entry))
+        if entry.state != "ready" or entry.admission is None:
+            raise entry.unavailable()
+        if alias is not None:
+            self.metrics.alias_requests.labels(alias.name, entry.name).inc()
+        return entry, alias
+
+    async def _make_ready(self, entry: Entry) -> None:
         if entry.state == "unloading" and not entry.forget and entry.task is not None:
             # an idle or evicted lazy model on its way out: let it finish, then load it again
             try:
@@ -223,15 +244,13 @@ class Registry:
                 await asyncio.wait_for(entry.done.wait(), self.settings.load_wait)
             except TimeoutError:
                 pass
-        if entry.state != "ready" or entry.admission is None:
-            raise entry.unavailable()
-        if alias is not None:
-            self.metrics.alias_requests.labels(alias.name, entry.name).inc()
-        return entry, alias
+
+    def usable_variants(self, alias: Alias) -> list[tuple[Entry, float]]:
+        return [(self.entries[m], w) for m, w in alias.variants if m in self.entries and self.entries[m].usable]
 
     def _pick(self, alias: Alias, user: str | None) -> Entry:
         # the variants that can serve; weights renormalized over them
-        usable = [(self.entries[m], w) for m, w in alias.variants if m in self.entries and self.entries[m].usable]
+        usable = self.usable_variants(alias)
         if not usable:
             raise ServiceUnavailable(f"No model behind the alias {alias.name!r} is available.", code="model_unavailable")
         total = sum(w for _, w in usable)
@@ -262,8 +281,7 @@ class Registry:
         if used + need <= self.budget:
             return []
         victims: list[Entry] = []
-        idle_lazy = sorted((e for e in self.entries.values()
-                            if e is not entry and e.state == "ready" and not e.spec.preload and not e.busy),
+        idle_lazy = sorted((e for e in self.entries.values() if e is not entry and e.idle_lazy),
                            key=lambda e: e.last_used)
         if self.settings.evict_idle:
             for victim in idle_lazy:
@@ -416,7 +434,7 @@ class Registry:
             await asyncio.sleep(min(5.0, idle / 4))
             now = time.monotonic()
             for entry in list(self.entries.values()):
-                if entry.state == "ready" and not entry.spec.preload and not entry.busy and now - entry.last_used >= idle:
+                if entry.idle_lazy and now - entry.last_used >= idle:
                     self.unload(entry, forget=False, why=f"idle for {idle:g} s")
 
     async def close(self) -> None:

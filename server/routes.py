@@ -78,7 +78,7 @@ async def _resolve(request: Request, model: str, user: str | None) -> tuple[Serv
     if state.status in ("stopping", "failed"):
         raise ServiceUnavailable(state.unavailable_reason())
     # a lazy model may keep it waiting for its load: stop waiting if the client leaves
-    entry, alias = await _unless_disconnected(request, state.registry.resolve(model, user))
+    entry, alias = await state.registry.resolve(model, user, wait=lambda work: _unless_disconnected(request, work))
     served: Served | None = entry.served
     if served is None:
         raise entry.unavailable()
@@ -635,7 +635,7 @@ def _card(entry: Entry) -> ModelCard:
         id=entry.name,
         created=served.created if served else int(entry.since),
         owned_by="llm-service",
-        engine=served.engine.info.name if served else entry.settings.engine,
+        engine=entry.engine,
         max_model_len=served.engine.info.max_model_len if served else None,
         root=served.path if served else None,
         state=entry.state,
@@ -650,7 +650,7 @@ def _cards(request: Request) -> list[ModelCard]:
     registry = state.registry
     cards = [_card(e) for e in registry.entries.values() if e.usable]
     for alias in registry.aliases.values():
-        if any(m in registry.entries and registry.entries[m].usable for m, _ in alias.variants):
+        if registry.usable_variants(alias):
             cards.append(ModelCard(id=alias.name, created=state.started, owned_by="llm-service", variants=alias.describe()))
     return cards
 
@@ -686,7 +686,7 @@ async def _readiness(request: Request) -> JSONResponse:
     body: dict[str, Any] = {
         "status": state.status,
         "model": first.name if first else None,
-        "engine": (first.served.engine.info.name if first.served else first.settings.engine) if first else None,
+        "engine": first.engine if first else None,
         "models": {e.name: e.state for e in entries},
     }
     if state.status == "ready":

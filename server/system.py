@@ -10,8 +10,6 @@ from typing import Any
 
 import psutil
 
-GiB = 1 << 30
-
 
 def gpus() -> list[dict[str, Any]]:
     """Each visible CUDA device's name and memory; empty without one. Asks NVML (which vLLM

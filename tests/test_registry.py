@@ -10,6 +10,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def _loader(fail: set[str] | None = None) -> Callable[[Settings, Callable[[str],
 
 def _registry(specs: list[ModelSpec], aliases: tuple[Alias, ...] = (), sizes: dict[str, float] | None = None,
               fail: set[str] | None = None, **settings: object) -> Registry:
-    s = Settings(**{**UNIT.__dict__, "models": tuple(specs), "aliases": aliases, **settings})  # type: ignore[arg-type]
+    s = replace(UNIT, models=tuple(specs), aliases=aliases, **settings)  # type: ignore[arg-type]
     sizes = sizes or {}
 
     def estimator(model: Settings, device: str, total: int) -> int | None:
@@ -157,7 +158,7 @@ async def test_delete_during_a_load_removes_the_model_when_the_load_ends() -> No
         gate.wait(10)
         return fast(settings, progress)
 
-    s = Settings(**{**UNIT.__dict__, "models": (ModelSpec("a", "/a"), ModelSpec("b", "/b"))})  # type: ignore[arg-type]
+    s = replace(UNIT, models=(ModelSpec("a", "/a"), ModelSpec("b", "/b")))
     registry = Registry(s, Metrics(), slow, lambda model, device, total: GiB // 10)
     a, b = registry.declare(s.models[0]), registry.declare(s.models[1])
     await registry.load(a)

@@ -550,17 +550,16 @@ def _dtype(torch: Any, setting: str, config: Any, device: str) -> Any:
     return torch.float32 if device == "cpu" else torch.float16
 
 
-def _kv_budget_bytes(settings: Settings, torch: Any, device: str, weights: int) -> int:
+def _kv_budget_bytes(settings: Settings, device: str, total: int, used: int) -> int:
+    """The KV cache this engine allocates at most: --kv-cache-space; else --gpu-memory-utilization
+    of the device less what is `used` (on a GPU: by everything, on CPU: by the weights); else 80%
+    of a GPU's free memory, or on CPU the smaller of 4 GiB and a quarter of RAM."""
     if settings.kv_cache_space is not None:
         return int(settings.kv_cache_space * GiB)
+    if settings.gpu_memory_utilization is not None:
+        return max(int(settings.gpu_memory_utilization * total) - used, 0)
     if device == "cuda":
-        free, total = torch.cuda.mem_get_info()
-        if settings.gpu_memory_utilization is not None:
-            return max(int(settings.gpu_memory_utilization * total) - (total - free), 0)
-        return int(free * 0.8)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if settings.gpu_memory_utilization is not None:  # on CPU: a fraction of RAM, weights included
-        return max(int(settings.gpu_memory_utilization * total) - weights, 0)
+        return int((total - used) * 0.8)
     return int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
 
 
@@ -570,17 +569,8 @@ ENGINE_OVERHEAD = GiB // 4
 
 def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
     """Memory this engine will hold for a model with `weights` bytes on a device of `total`
-    (the KV budget as `_kv_budget_bytes` will size it; on a GPU without a set size that is most
-    of what is free, so such a model fills the device)."""
-    if settings.kv_cache_space is not None:
-        kv = int(settings.kv_cache_space * GiB)
-    elif settings.gpu_memory_utilization is not None:
-        kv = max(int(settings.gpu_memory_utilization * total) - weights, 0)
-    elif device == "cuda":
-        kv = int(max(total - weights, 0) * 0.8)
-    else:
-        kv = int(min(CPU_KV_CACHE_DEFAULT_GIB * GiB, total / 4))
-    return weights + kv + ENGINE_OVERHEAD
+    (on a GPU without a set KV size that is most of what is free, so such a model fills the device)."""
+    return weights + _kv_budget_bytes(settings, device, total, weights) + ENGINE_OVERHEAD
 
 
 class HFEngine:
@@ -629,7 +619,12 @@ class HFEngine:
             )
         cache = _KVCache(torch, text.num_hidden_layers, kv_heads, head_dim, dtype, device, max_model_len)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        budget = _kv_budget_bytes(settings, torch, device, weights)
+        if device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+        else:
+            total, used = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), weights
+        budget = _kv_budget_bytes(settings, device, total, used)
         budget_tokens = budget // cache.bytes_per_token
         if budget_tokens < 16:
             raise ValueError(f"the KV cache budget ({budget / GiB:.2f} GiB) holds no sequence; raise --kv-cache-space")
