@@ -15,6 +15,7 @@ from server.config import (
     DTYPES,
     ENGINES,
     EXECUTOR_BACKENDS,
+    SCHEDULING_POLICIES,
     Settings,
     SettingsError,
 )
@@ -67,6 +68,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "(the transformers engine always runs eagerly)")
     e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
+    e.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                   help="vLLM: serve waiting requests in arrival order (fcfs) or by each request's priority, "
+                        "lower first (priority; under fcfs a request's priority is not passed to vLLM). "
+                        "The transformers engine always admits waiting requests by priority, then arrival")
     mm = p.add_argument_group("many models")
     mm.add_argument("--memory-budget", type=float, default=None,
                     help="GiB the models may hold together (GPU memory with a GPU, else RAM); a model "

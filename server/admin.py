@@ -5,6 +5,7 @@
     GET    /v1/admin/models/{name}   one model's state (and a load's progress)
     DELETE /v1/admin/models/{name}   unload it once its running requests finish (202)
     GET    /v1/admin/system          CPU, memory, GPUs, the memory budget and who holds it
+    GET    /v1/usage                 requests and tokens per key and model (OpenAI's usage URL)
 
 All of it needs an admin key when keys are configured.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,15 +23,18 @@ from fastapi.responses import JSONResponse
 from server import system
 from server.config import ModelSpec, ModelSpecError, SettingsError
 from server.errors import InvalidRequest, PayloadTooLarge
+from server.gate import access
 from server.registry import GiB, Registry
+from server.store import utcnow
 
 router = APIRouter(prefix="/v1/admin")
+usage_router = APIRouter()
 MAX_BODY = 64 << 10
 
 
 def _registry(request: Request, what: str) -> Registry:
     state = request.app.state.server
-    state.keys.require_admin(getattr(request.state, "key", None), what)
+    state.keys.require_admin(access(request).key, what)
     registry: Registry = state.registry
     return registry
 
@@ -114,3 +119,36 @@ async def system_info(request: Request) -> dict[str, Any]:
         "models": [{"id": e.name, "state": e.state, "engine": e.engine,
                     "footprint_bytes": e.footprint, "footprint_gib": round(e.footprint / GiB, 2)} for e in loaded],
     }
+
+
+def _when(value: str | None, default: datetime, param: str) -> datetime:
+    """Unix seconds or ISO 8601 (UTC when no zone is given), as naive UTC."""
+    if value is None:
+        return default
+    try:
+        when = datetime.fromtimestamp(float(value), tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidRequest(f"Invalid value for '{param}': give unix seconds or an ISO 8601 time.",
+                                 param=param) from None
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when
+
+
+@usage_router.get("/v1/usage")
+async def usage(request: Request, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """Requests and tokens per key and model over [start, end) (default: the last 24 hours).
+    Needs an admin key when keys are configured."""
+    state = request.app.state.server
+    state.keys.require_admin(access(request).key, "GET /v1/usage")
+    now = utcnow()
+    t0, t1 = _when(start, now - timedelta(days=1), "start"), _when(end, now + timedelta(seconds=1), "end")
+    if t1 <= t0:
+        raise InvalidRequest("'end' must be after 'start'.", param="end")
+    log = state.request_log
+    await asyncio.to_thread(log.wait_written, 2.0)  # include the requests that just ended
+    data = await asyncio.to_thread(log.usage, t0, t1)
+    return {"object": "usage", "start": t0.isoformat() + "Z", "end": t1.isoformat() + "Z", "data": data}

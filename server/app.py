@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import __version__
-from server.admin import router as admin_router
+from server import __version__, admin, ops
+from server.api import chat, completions, models, tokenize
 from server.auth import Keys
 from server.config import Settings
-from server.errors import APIError, AuthenticationError, install_handlers
+from server.errors import APIError, install_handlers
+from server.gate import Gate
 from server.limits import KeyLimits
 from server.metrics import Metrics
 from server.registry import Estimator, Loader, Registry, Served, estimate
-from server.routes import router
-from server.store import RequestLog, Row, utcnow
+from server.store import RequestLog
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +83,19 @@ class ServerState:
 
 def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
     """Resolve the model source, load its tokenizer, start the engine (blocking)."""
-    from server import engines, models
-    from server.engines.base import Engine
+    from server import engines
+    from server import models as model_files
     from server.tokenizer import Tokenizer
 
     name, why = engines.pick(settings.engine)
+    engine_class, _ = engines.engine_class(name)
     progress("preparing the model files")
-    path = models.resolve(settings)
+    path = model_files.resolve(settings)
     progress("loading the tokenizer")
     tokenizer = Tokenizer(path, trust_remote_code=settings.trust_remote_code)
     progress(f"starting the {name} engine")
     log.info("starting the %s engine (%s) for %s (%s)", name, why, settings.model_name, path)
-    engine: Engine
-    if name == "vllm":
-        from server.engines.vllm_engine import VLLMEngine
-
-        engine = VLLMEngine.start(path, settings)
-    else:
-        from server.engines.hf_engine import HFEngine
-
-        engine = HFEngine.start(path, settings, tokenizer)
+    engine = engine_class.start(path, settings, tokenizer)
     return Served(
         name=settings.model_name,
         engine=engine,
@@ -116,83 +104,6 @@ def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
         fingerprint=f"fp_llm-service-{__version__}-{engine.info.name}",
         path=str(path),
     )
-
-
-# route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/admin/models",
-          "/v1/admin/system", "/health", "/ready", "/live", "/metrics", "/")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-def _route(path: str) -> str:
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model}"
-    if path.startswith("/v1/admin/models/"):
-        return "/v1/admin/models/{model}"
-    return path if path in ROUTES else "other"
-
-
-class Gate:
-    """Every HTTP request passes here first: it gets an `x-request-id` (the client's when it sent
-    a sane one), `/v1/*` (and `/metrics` when so set) needs a key when keys are configured, a
-    limited key's rate-limit headers go on every response, and the response is counted."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = self.state
-        headers = Headers(scope=scope)
-        given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        path: str = scope["path"]
-        status = 500
-        arrived, started = utcnow(), time.monotonic()
-        key = None
-        try:
-            if path.startswith("/v1/") or (path == "/metrics" and state.settings.metrics_require_key):
-                try:
-                    key = state.keys.authenticate(headers.get("authorization"))
-                except AuthenticationError as e:
-                    status = e.status_code
-                    response = JSONResponse(e.to_dict(), status_code=status, headers={
-                        "x-request-id": request_id, "www-authenticate": "Bearer"})
-                    await response(scope, receive, send)
-                    return
-            scope["state"]["key"] = key
-
-            async def send_with_headers(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    out = MutableHeaders(scope=message)
-                    out["x-request-id"] = request_id
-                    # which model served it: an alias's chosen variant, for A/B comparisons
-                    if served_by := scope["state"].get("model"):
-                        out["x-llm-model"] = served_by
-                    for name, value in state.key_limits.headers(key).items():
-                        if name not in out:
-                            out[name] = value
-                await send(message)
-
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            # the model that served it ("" before one was chosen: unknown names are not labels)
-            model = scope["state"].get("model", "")
-            state.metrics.requests.labels(_route(path), model, str(status)).inc()
-            if state.request_log is not None and path.startswith("/v1/"):
-                note: dict[str, object] = scope["state"].get("log", {})
-                state.request_log.record(Row(
-                    time=arrived, request_id=request_id, route=_route(path), status=status,
-                    latency_ms=(time.monotonic() - started) * 1000, key_name=key.name if key else None,
-                    model=model or None, engine=scope["state"].get("engine"), alias=scope["state"].get("alias"),
-                    **note,  # type: ignore[arg-type]
-                ))
 
 
 def create_app(
@@ -262,7 +173,8 @@ def create_app(
     )
     app.state.server = state
     install_handlers(app)
-    app.include_router(router)
-    app.include_router(admin_router)
+    for router in (chat.router, completions.router, models.router, tokenize.router, ops.router, admin.router,
+                   admin.usage_router):
+        app.include_router(router)
     app.add_middleware(Gate, state=state)
     return app

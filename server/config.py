@@ -19,12 +19,15 @@ ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
 # vLLM's executors for tensor/pipeline parallelism: mp (processes on one machine), ray (a Ray
 # cluster, several machines), uni (one process), external_launcher (torchrun)
 EXECUTOR_BACKENDS: tuple[str, ...] = ("mp", "ray", "uni", "external_launcher")
+# the order vLLM schedules waiting requests in: arrival, or a request's `priority` (lower first)
+SchedulingPolicy = Literal["fcfs", "priority"]
+SCHEDULING_POLICIES: tuple[str, ...] = ("fcfs", "priority")
 # engine settings one model may set for itself (a models file's `settings:`, the admin API);
 # everything else (HTTP, keys, limits, the request log) is the server's
 MODEL_SETTINGS: tuple[str, ...] = (
     "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space", "tensor_parallel_size",
     "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs", "max_num_batched_tokens",
-    "enforce_eager", "seed", "max_logprobs", "trust_remote_code",
+    "enforce_eager", "seed", "max_logprobs", "trust_remote_code", "scheduling_policy",
 )
 # `--model NAME=default` / a models file's `source: default`: the embedded default model
 DEFAULT_SOURCE = "default"
@@ -189,6 +192,7 @@ class Settings:
     enforce_eager: bool = False
     seed: int = 0
     max_logprobs: int = 20
+    scheduling_policy: SchedulingPolicy = "fcfs"  # vLLM's; "priority" honours requests' `priority`
     # operations
     api_key: tuple[str, ...] = ()  # --api-key, repeatable
     api_keys_file: Path | None = None
@@ -217,6 +221,9 @@ class Settings:
         if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
             raise SettingsError("distributed_executor_backend",
                                 f"must be one of {', '.join(EXECUTOR_BACKENDS)}, not {self.distributed_executor_backend!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise SettingsError("scheduling_policy",
+                                f"must be one of {', '.join(SCHEDULING_POLICIES)}, not {self.scheduling_policy!r}")
         if self.dtype not in DTYPES:
             raise SettingsError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

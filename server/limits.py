@@ -7,13 +7,16 @@ a request can use) and corrected to what it really used when it ends. Over a lim
 `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
 
 Server-wide: at most `running` sequences are handed to the engine at once (its batch size); up to
-`--max-queued-requests` more requests wait in FIFO order for a slot; beyond that a request gets
+`--max-queued-requests` more requests wait for a slot, in order of `priority` (lower first), then
+of arrival; beyond that a request gets
 429 `server_overloaded` at once instead of an unbounded wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -154,20 +157,23 @@ class KeyLimits:
 
 
 class Admission:
-    """At most `running` sequences in the engine; up to `max_queued` requests wait for room."""
+    """At most `capacity` sequences in the engine; up to `max_queued` requests wait for room, the
+    one with the best (lowest) priority first, and among equals the one that came first. A
+    waiting request is never admitted ahead of one with a better priority."""
 
     def __init__(self, running: int, max_queued: int, on_change: Callable[[int, int], None] | None = None) -> None:
         self.capacity = running
         self.max_queued = max_queued
         self.in_use = 0
-        self.queue: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.queue: list[tuple[int, int, int, asyncio.Future[None]]] = []  # heap: (priority, arrival, n, waiter)
+        self.arrivals = itertools.count()
         self.on_change = on_change or (lambda running, waiting: None)
 
     @property
     def waiting(self) -> int:
         return len(self.queue)
 
-    async def acquire(self, n: int) -> None:
+    async def acquire(self, n: int, priority: int = 0) -> None:
         """Take `n` slots (one per sequence), waiting in line if need be; 429 if the line is full."""
         n = min(n, self.capacity)  # a request wider than the batch runs alone
         if not self.queue and self.in_use + n <= self.capacity:
@@ -181,14 +187,15 @@ class Admission:
                 headers={"retry-after": "1"},
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, waiter)
-        self.queue.append(entry)
+        entry = (priority, next(self.arrivals), n, waiter)
+        heapq.heappush(self.queue, entry)
         self.on_change(self.in_use, self.waiting)
         try:
             await waiter
         except BaseException:
             if entry in self.queue:
                 self.queue.remove(entry)
+                heapq.heapify(self.queue)
             elif waiter.done() and not waiter.cancelled():
                 self.release(n)  # it was granted just as the client left: give it back
             self.on_change(self.in_use, self.waiting)
@@ -197,8 +204,8 @@ class Admission:
     def release(self, n: int) -> None:
         n = min(n, self.capacity)
         self.in_use -= n
-        while self.queue and self.in_use + self.queue[0][0] <= self.capacity:
-            want, waiter = self.queue.popleft()
+        while self.queue and self.in_use + self.queue[0][2] <= self.capacity:
+            _, _, want, waiter = heapq.heappop(self.queue)
             if waiter.done():  # its client left; its own handler is about to notice
                 continue
             self.in_use += want

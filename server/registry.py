@@ -48,13 +48,12 @@ DEFAULT_BUDGET_SHARE = 0.9
 def estimate(settings: Settings, device: str, total: int) -> int | None:
     """Weights from the model's files, KV cache and overhead from its engine's rules."""
     from server import engines, models
-    from server.engines import hf_engine, vllm_engine
 
     weights = models.weights_bytes(settings)
     if weights is None:
         return None
-    engine = vllm_engine if engines.pick(settings.engine)[0] == "vllm" else hf_engine
-    return engine.footprint(weights, settings, device, total)
+    engine_class, _ = engines.engine_class(settings.engine)
+    return engine_class.footprint(weights, settings, device, total)
 
 
 @dataclass
@@ -347,9 +346,7 @@ class Registry:
                 return
             entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, self.device) - before, 0)
         entry.load_seconds = time.monotonic() - started
-        attach = getattr(served.engine, "attach_to_loop", None)
-        if callable(attach):
-            attach()
+        served.engine.attach_to_loop()
         name = entry.name
 
         def gauges(running: int, waiting: int) -> None:
@@ -418,10 +415,8 @@ class Registry:
             for state in MODEL_STATES:
                 m.model_state.labels(entry.name, state).set(1 if entry.state == state else 0)
             m.model_memory.labels(entry.name).set(entry.footprint if entry.holds_memory else 0)
-            served = entry.served
-            kv = getattr(served.engine, "kv_cache_usage", None) if served is not None else None
-            if callable(kv):
-                m.kv_cache.labels(entry.name).set(kv())
+            if entry.served is not None:
+                m.kv_cache.labels(entry.name).set(entry.served.engine.kv_cache_usage())
 
     def _remove(self, entry: Entry) -> None:
         if self.entries.get(entry.name) is entry:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BATCH = 500
 FLUSH_SECONDS = 10.0
 
@@ -50,6 +50,9 @@ requests_table = sa.Table(
     sa.Column("finish_reason", sa.String(64), nullable=True),
     sa.Column("prompt", sa.Text, nullable=True),
     sa.Column("answer", sa.Text, nullable=True),
+    # hints a client sent that an operator wants to see: its `metadata` (JSON) and end-user id
+    sa.Column("metadata", sa.Text, nullable=True),
+    sa.Column("safety_identifier", sa.String(256), nullable=True),
     sa.Index("ix_llm_requests_key_time", "key_name", "time"),
 )
 schema_table = sa.Table(
@@ -81,6 +84,8 @@ class Row:
     finish_reason: str | None = None
     prompt: str | None = None
     answer: str | None = None
+    metadata: str | None = None
+    safety_identifier: str | None = None
 
 
 def engine_for(url: str) -> sa.Engine:

@@ -44,20 +44,46 @@ class Tokenizer:
         self._byte_level = decoder == "ByteLevel"
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the model's own chat template, ready for the assistant's turn."""
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, documents: list[dict[str, str]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> str:
+        """Messages rendered with the model's own chat template: ready for the assistant's turn,
+        or (`continue_final_message`) ending inside the final assistant message, left open."""
         if not self.has_chat_template:
             raise InvalidRequest(
                 "This model has no chat template, so it cannot serve /v1/chat/completions. "
                 "Use /v1/completions with a plain prompt instead.",
                 param="messages",
             )
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # the template already wrote the special tokens it wants
-        return list(self.hf.encode(text, add_special_tokens=False))
+        kwargs = dict(template_kwargs or {})
+        for reserved in ("conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                         "documents", "chat_template", "tools", "return_dict", "return_tensors"):
+            if reserved in kwargs:
+                raise InvalidRequest(f"Invalid value for 'chat_template_kwargs': '{reserved}' cannot be set "
+                                     "there; use the request field of that name.", param="chat_template_kwargs")
+        try:
+            text = self.hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                documents=documents, tokenize=False, **kwargs)
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidRequest(f"The chat template could not render these messages: {e}", param="messages") from None
+        except Exception as e:  # jinja2's TemplateError (e.g. raise_exception in the template)
+            if type(e).__module__.startswith("jinja2"):
+                raise InvalidRequest(f"The chat template refused these messages: {e}", param="messages") from None
+            raise
+        return str(text)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=True))
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Messages rendered for the assistant's turn, as token ids."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # a chat template already wrote the special tokens it wants: callers pass False for it
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int] | tuple[int, ...]) -> str:
         return str(self.hf.decode(list(token_ids), skip_special_tokens=True))
@@ -76,6 +102,9 @@ class Tokenizer:
             return bytes([int(m.group(1), 16)])
         return str(piece).replace("▁", " ").encode()
 
-    def token_text(self, token_id: int) -> str:
-        """A display string for one token; undecodable partial bytes show as U+FFFD."""
+    def token_text(self, token_id: int, as_id: bool = False) -> str:
+        """A display string for one token; undecodable partial bytes show as U+FFFD. `as_id`:
+        vLLM's `return_tokens_as_token_ids` form, "token_id:N", which is never ambiguous."""
+        if as_id:
+            return f"token_id:{token_id}"
         return self.token_bytes(token_id).decode("utf-8", errors="replace")

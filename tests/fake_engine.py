@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from server.engines.base import EngineInfo, SamplingSpec, TokenEvent
+from server.config import Settings
+from server.engines.base import EngineInfo, FinishReason, SamplingSpec, TokenEvent
 from server.errors import EngineError
+from server.tokenizer import Tokenizer
 
 
 class FakeEngine:
@@ -18,6 +21,22 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.active: set[str] = set()
         self.dead = False
+        self.attached = False
+
+    @classmethod
+    def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> FakeEngine:
+        """Three tokens, "a", "b", "c"; no model is read."""
+        return cls([1, 2, 3], ["a", "b", "c"])
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        return weights
+
+    def attach_to_loop(self) -> None:
+        self.attached = True
+
+    def kv_cache_usage(self) -> float:
+        return 0.0
 
     async def generate(self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str) -> AsyncIterator[TokenEvent]:
         self.active.add(request_id)
@@ -28,7 +47,7 @@ class FakeEngine:
                     raise EngineError("the fake engine failed on purpose")
                 await asyncio.sleep(0)
                 last = i == n - 1
-                reason = ("length" if n == spec.max_tokens else "stop") if last else None
+                reason: FinishReason | None = ("length" if n == spec.max_tokens else "stop") if last else None
                 yield TokenEvent(text=self.texts[i], token_ids=(self.token_ids[i],), finish_reason=reason)
         finally:
             self.active.discard(request_id)

@@ -21,7 +21,7 @@ import yaml
 from server.__main__ import build_parser, env_settings, parse_serve
 from server.auth import load_keys_file
 from server.config import Settings
-from server.routes import router
+from server.ops import router
 from tests.server_process import ROOT
 
 DEPLOY = ROOT / "deploy"

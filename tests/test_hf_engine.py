@@ -1,5 +1,6 @@
-"""The Transformers engine's own parts: text assembly, sampling filters, `--engine auto`, and
-its KV budget (requests wait for room instead of crashing) on a live server."""
+"""The Transformers engine's own parts: text assembly, sampling filters and vLLM's per-request
+rules (allowed ids, bad words, logit bias, stop tokens, ignore_eos, priority), `--engine auto`,
+and its KV budget (requests wait for room instead of crashing) on a live server."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -15,7 +17,17 @@ import torch
 
 from server import engines
 from server.engines.base import SamplingSpec
-from server.engines.hf_engine import _filtered_probs, _Text
+from server.engines.hf_engine import (
+    _bad_words_ids,
+    _banned,
+    _Core,
+    _filtered_probs,
+    _KVCache,
+    _Output,
+    _Seq,
+    _Text,
+)
+from server.errors import InvalidRequest
 from tests.conftest import MODEL
 from tests.server_process import ServerProcess
 
@@ -34,11 +46,15 @@ class _Pieces:
         return self.pieces[token_id]
 
 
-def _run(pieces: list[bytes], stop: tuple[str, ...], ids: list[int] | None = None) -> tuple[list[str], bool]:
-    text = _Text(_Pieces(pieces), stop)  # type: ignore[arg-type]
+def _run(pieces: list[bytes], stop: tuple[str, ...], ids: list[int] | None = None, *, ends: bool = False,
+         spaced: frozenset[int] = frozenset(), **spec: Any) -> tuple[list[str], bool]:
+    """Feed ids (default: every piece in order) through `_Text`; `ends`: the last id ended the
+    answer as a stop token does."""
+    text = _Text(_Pieces(pieces), SamplingSpec(max_tokens=16, stop=stop, **spec), frozenset({99}), spaced)  # type: ignore[arg-type]
     out: list[str] = []
-    for tid in ids if ids is not None else range(len(pieces)):
-        piece, stopped = text.feed(tid, check_stop=True)
+    ids = ids if ids is not None else list(range(len(pieces)))
+    for i, tid in enumerate(ids):
+        piece, stopped = text.feed(tid, check_stop=True, ends=ends and i == len(ids) - 1)
         out.append(piece)
         if stopped:
             return out, True
@@ -67,6 +83,54 @@ def test_multibyte_characters_are_never_split_and_specials_are_skipped() -> None
     assert "".join(out) == "caf"
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_holds_nothing_back() -> None:
+    out, stopped = _run([b"The cap", b"ital of Fr", b"ance is"], ("ital of France",), include_stop_str_in_output=True)
+    # text goes out at once (nothing is cut later), and the answer ends right after the stop string
+    assert stopped and out == ["The cap", "ital of Fr", "ance"]
+
+
+def test_the_stop_string_that_ends_first_wins() -> None:
+    # vLLM's check_stop_strings: the earliest-ending match, not the earliest-starting one
+    out, stopped = _run([b"xabcd"], ("abcd", "bc"))
+    assert stopped and "".join(out) == "xa"
+
+
+def test_a_stop_string_must_end_in_text_that_is_checked() -> None:
+    # vLLM checks stop strings only in text after min_tokens: one that ended before is not found later
+    text = _Text(_Pieces([b"ab", b"c"]), SamplingSpec(max_tokens=4, stop=("ab",)), frozenset({99}))  # type: ignore[arg-type]
+    assert text.feed(0, check_stop=False) == ("a", False)
+    assert text.feed(1, check_stop=True) == ("b", False)
+    assert text.flush() == "c"
+
+
+def test_special_tokens_show_when_not_skipped() -> None:
+    out, _ = _run([b"Hi"], (), ids=[0, 99, 0], skip_special_tokens=False)
+    assert "".join(out) == "Hi<|im_end|>Hi"
+    out, _ = _run([b"Hi"], (), ids=[0, 99, 0])
+    assert "".join(out) == "HiHi"
+
+
+def test_the_token_that_ended_the_answer_is_text_only_with_include_stop_str_in_output() -> None:
+    # EOS or a stop_token_ids token: vLLM leaves it out of the text, even when specials are shown
+    out, _ = _run([b"Hi", b" there"], (), ids=[0, 1], ends=True, skip_special_tokens=False)
+    assert "".join(out) == "Hi"
+    out, _ = _run([b"Hi"], (), ids=[0, 99], ends=True, skip_special_tokens=False, include_stop_str_in_output=True)
+    assert "".join(out) == "Hi<|im_end|>"
+    out, _ = _run([b"Hi"], (), ids=[0, 99], ends=True, include_stop_str_in_output=True)
+    assert "".join(out) == "Hi"  # a special token still needs skip_special_tokens off
+
+
+def test_slow_tokenizers_set_added_tokens_apart_with_spaces() -> None:
+    # vLLM's slow detokenizer joins added tokens and the text around them with spaces, unless
+    # spaces_between_special_tokens is off; fast tokenizers have no such set (see _special_ids)
+    ids = [0, 99, 99, 0]
+    out, _ = _run([b"Hi"], (), ids=ids, spaced=frozenset({99}), skip_special_tokens=False)
+    assert "".join(out) == "Hi <|im_end|> <|im_end|> Hi"
+    out, _ = _run([b"Hi"], (), ids=ids, spaced=frozenset({99}), skip_special_tokens=False,
+                  spaces_between_special_tokens=False)
+    assert "".join(out) == "Hi<|im_end|><|im_end|>Hi"
+
+
 def test_sampling_filters_break_ties_like_argmax() -> None:
     scores = torch.tensor([[0.0, 2.0, 2.0, 1.0], [0.0, 2.0, 2.0, 1.0], [3.0, 2.9, -5.0, -5.0]])
     specs = [SamplingSpec(max_tokens=1, top_k=1), SamplingSpec(max_tokens=1, top_p=1e-6),
@@ -77,6 +141,135 @@ def test_sampling_filters_break_ties_like_argmax() -> None:
     assert probs[1].nonzero().flatten().tolist() == [1]
     # min_p keeps tokens at least half as likely as the best one
     assert probs[2].nonzero().flatten().tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- vLLM's per-request rules
+
+
+def _encode(text: str) -> list[int]:
+    """A tokenizer stand-in: one token per word, id = 10 + the word's place in WORDS; a word
+    after a space is another token (id + 100), as in byte-level BPE."""
+    words = ["hello", "world", "big", "cat"]
+    out = []
+    for i, word in enumerate(text.split(" ")):
+        if word:
+            out.append(10 + words.index(word) + (100 if i > 0 else 0))
+    return out
+
+
+def test_bad_words_become_token_sequences_with_and_without_a_leading_space() -> None:
+    assert _bad_words_ids(_encode, ("hello", " big cat"), 1000) == ((10,), (110,), (12, 113), (112, 113))
+    with pytest.raises(InvalidRequest) as e:
+        _bad_words_ids(_encode, ("",), 1000)
+    assert e.value.param == "bad_words"
+    with pytest.raises(InvalidRequest):
+        _bad_words_ids(_encode, ("hello",), 50)  # a token beyond the vocabulary
+
+
+def test_a_bad_words_last_token_is_banned_only_after_its_other_tokens() -> None:
+    words = ((10,), (12, 13), (5, 6, 7))
+    assert _banned(words, []) == [10]  # one-token words always; longer ones need their prefix
+    assert _banned(words, [1, 12]) == [10, 13]
+    assert _banned(words, [5, 6]) == [10, 7]
+    assert _banned(words, [6]) == [10]
+
+
+class _Model:
+    """What `_Core` reads from a model when it is built; sampling never runs it."""
+
+    config = None
+
+    def get_decoder(self) -> None:
+        return None
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+
+EOS = 9
+
+
+def _core() -> _Core:
+    cache = _KVCache(torch, 1, 1, 1, torch.float32, "cpu", 64)
+    return _Core(_Model(), cache, torch, max_seqs=8, budget_tokens=1024, prefill_tokens=1024, max_model_len=64,
+                 eos_ids=frozenset({EOS}), vocab=16, seed=0)
+
+
+def _seq(spec: SamplingSpec, output: list[int] | None = None, bad_words: tuple[tuple[int, ...], ...] = (),
+         got: list[_Output | BaseException] | None = None) -> _Seq:
+    sink = got if got is not None else []
+    seq = _Seq("r", [1, 2], spec, sink.append, None, 64, bad_words)
+    seq.output = list(output or [])
+    return seq
+
+
+def _logits(favourite: int, rows: int = 1) -> torch.Tensor:
+    logits = torch.zeros(rows, 16)
+    logits[:, favourite] = 5.0
+    logits[:, 3] = 4.0
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_masks_apply_per_row_to_greedy_and_sampled_rows(temperature: float) -> None:
+    core = _core()
+    free = _seq(SamplingSpec(max_tokens=8, temperature=temperature, top_k=1))
+    allowed = _seq(SamplingSpec(max_tokens=8, temperature=temperature, allowed_token_ids=(4,)))
+    bad = _seq(SamplingSpec(max_tokens=8, temperature=temperature, top_k=1), output=[6], bad_words=((6, EOS), (3,)))
+    early = _seq(SamplingSpec(max_tokens=8, temperature=temperature, top_k=1, min_tokens=2, stop_token_ids=(3,)))
+    logits = torch.zeros(4, 16)
+    logits[:, 7] = 6.0
+    logits[:, EOS] = 8.0
+    logits[:, 3] = 7.0
+    chosen, _ = core._sample([free, allowed, bad, early], logits.clone())
+    # bad: EOS follows 6 and 3 is one token, both banned; early: EOS and its stop token wait for min_tokens
+    assert chosen == [EOS, 4, 7, 7]
+    bad.output = [5]
+    assert core._sample([bad], logits[:1].clone())[0] == [EOS]  # EOS is banned only after a 6
+    early.spec = SamplingSpec(max_tokens=8, temperature=temperature, top_k=1, min_tokens=2, ignore_eos=True)
+    assert core._sample([early], logits[:1].clone())[0] == [3]  # ignore_eos: EOS still waits for min_tokens
+    early.output = [1, 1]
+    assert core._sample([early], logits[:1].clone())[0] == [EOS]
+
+
+def test_logit_bias_moves_the_pick_but_not_the_logprobs() -> None:
+    core = _core()
+    plain = _seq(SamplingSpec(max_tokens=8, temperature=0, logprobs=1))
+    biased = _seq(SamplingSpec(max_tokens=8, temperature=0, logprobs=1, logit_bias=((3, 2.0), (5, -1000.0))))
+    logits = _logits(5, rows=2)
+    chosen, lps = core._sample([plain, biased], logits.clone())
+    assert chosen == [5, 3]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    # logprobs are of the raw distribution (vLLM's raw_logprobs): the bias is not in them
+    assert lps[1] is not None and lps[1].logprob == pytest.approx(float(raw[3]))
+    assert lps[1].top == {5: pytest.approx(float(raw[5]))}
+
+
+def test_stop_tokens_end_the_answer_and_ignore_eos_does_not() -> None:
+    core = _core()
+    got: list[_Output | BaseException] = []
+    stop = _seq(SamplingSpec(max_tokens=8, temperature=0, stop_token_ids=(5,)), got=got)
+    core._emit([stop], _logits(5))
+    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "stop" and stop.done
+    keep = _seq(SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True), got=got)
+    core._emit([keep], _logits(EOS))
+    assert isinstance(got[-1], _Output) and got[-1].finish_reason is None and not keep.done
+    last = _seq(SamplingSpec(max_tokens=1, temperature=0, ignore_eos=True), got=got)
+    core._emit([last], _logits(EOS))
+    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "length"
+    eos = _seq(SamplingSpec(max_tokens=1, temperature=0), got=got)
+    core._emit([eos], _logits(EOS))
+    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "stop"  # a stop token beats the length
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival() -> None:
+    core = _core()
+    seqs = [_seq(SamplingSpec(max_tokens=8, priority=p)) for p in (0, 5, -1, 0)]
+    for i, seq in enumerate(seqs):
+        seq.request_id = str(i)
+        core.submit(seq)
+    core._take_inbox()
+    assert [s.request_id for s in core.waiting] == ["2", "0", "3", "1"]
 
 
 def test_auto_picks_transformers_where_vllm_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

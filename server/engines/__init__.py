@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engines.base import Engine
 
 
 def pick(requested: str) -> tuple[str, str]:
@@ -19,3 +23,15 @@ def pick(requested: str) -> tuple[str, str]:
     if not kind:
         return "transformers", "vLLM supports no device on this machine"
     return "vllm", f"vLLM imports and supports this machine's {kind}"
+
+
+def engine_class(requested: str) -> tuple[type[Engine], str]:
+    """The engine class for `--engine requested` (see `pick`), and why; imports only its module."""
+    name, why = pick(requested)
+    if name == "vllm":
+        from server.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine, why
+    from server.engines.hf_engine import HFEngine
+
+    return HFEngine, why

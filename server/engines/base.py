@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from server.config import Settings
+    from server.tokenizer import Tokenizer
+
+# why an engine ended a sequence; the API adds its own ("tool_calls") above the engine
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,17 @@ class SamplingSpec:
     logprobs: int | None = None
     # None: none; k >= 0: logprobs for every prompt token (completions `echo` + `logprobs`)
     prompt_logprobs: int | None = None
+    # vLLM's extras, the same meaning on every engine
+    ignore_eos: bool = False  # end-of-sequence tokens do not end the answer (max_tokens does)
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the answer ("stop"), like EOS
+    include_stop_str_in_output: bool = False  # the stop string that ended the answer stays in it
+    skip_special_tokens: bool = True  # special tokens are left out of the text
+    spaces_between_special_tokens: bool = True  # slow (Python) tokenizers only, as in vLLM
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    bad_words: tuple[str, ...] = ()  # never generated (with or without a leading space)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
+    priority: int = 0  # lower is served sooner; given to engines that schedule by priority
+    cache_salt: str | None = None  # prefix-cache hits only between requests of the same salt
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)
+    rank: int | None = None  # the token's rank in its distribution (1: the likeliest), when known
 
 
 @dataclass(frozen=True)
@@ -53,7 +73,7 @@ class TokenEvent:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] | None = None
-    finish_reason: str | None = None  # "stop" | "length" on the last event
+    finish_reason: FinishReason | None = None  # set on the last event
     # set on the first event when prompt logprobs were asked for (first entry: None)
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     # set on the first event by engines that cache prompt prefixes: prompt tokens not recomputed
@@ -68,9 +88,28 @@ class EngineInfo:
 
 
 class Engine(Protocol):
-    """What the routes need from an engine. Implemented by vLLM and Transformers engines."""
+    """Everything the server calls on an engine. Implemented by the vLLM and Transformers engines
+    (and a fake in the unit tests); `server.engines.engine_class` picks the class for a setting."""
 
     info: EngineInfo
+
+    @classmethod
+    def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> Engine:
+        """Load the model and start serving (blocking; called in a worker thread)."""
+        ...
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        """Bytes this engine will hold for a model of `weights` bytes on a device of `total`."""
+        ...
+
+    def attach_to_loop(self) -> None:
+        """Called on the serving event loop once `start` has returned (in a worker thread)."""
+        ...
+
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache in use now, 0..1."""
+        ...
 
     def generate(
         self, prompt_token_ids: list[int], spec: SamplingSpec, request_id: str

@@ -19,27 +19,30 @@ Shape of the engine:
   reads one contiguous block; rows and positions grow on demand. A request is admitted only if
   the cache can hold every admitted sequence at its longest (prompt + max_tokens), within the
   KV budget (`--kv-cache-space`); the rest wait in the queue, nothing is evicted mid-answer.
-- Sampling is per row (temperature, top_p, top_k, min_p, penalties, min_tokens, its own seeded
-  generator), logprobs are of the model's raw distribution, as vLLM reports them.
+- Sampling is per row (temperature, top_p, top_k, min_p, penalties, min_tokens, allowed_token_ids,
+  bad_words, logit_bias, its own seeded generator), in vLLM's order and with its rules; logprobs
+  are of the model's raw distribution, as vLLM reports them. Waiting requests are admitted by
+  `priority` (lower first), then arrival.
 - Text (whole characters, stop strings held back until they can no longer match) is assembled
   on the event loop in `generate`, so the model thread does nothing but tensors.
+- `cache_salt` is accepted and has no effect: this engine has no prefix cache to partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import codecs
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server.config import Settings
-from server.engines.base import EngineInfo, SamplingSpec, TokenEvent, TokenLogprobs
+from server.engines.base import EngineInfo, FinishReason, SamplingSpec, TokenEvent, TokenLogprobs
 from server.errors import EngineError, InvalidRequest, ServiceUnavailable
 from server.tokenizer import Tokenizer
 
@@ -51,6 +54,8 @@ DEFAULT_MAX_NUM_SEQS = 32
 # prompt tokens prefilled in one step: bounds how long running streams pause for newcomers
 DEFAULT_PREFILL_TOKENS = 1024
 CPU_KV_CACHE_DEFAULT_GIB = 4.0
+# most token sequences the bad words of one request may become (vLLM's VLLM_MAX_NUM_BAD_WORDS)
+MAX_BAD_WORDS = 128
 
 
 # --------------------------------------------------------------------------- attention + cache
@@ -166,7 +171,7 @@ def _attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, 
 class _Output:
     token_id: int
     logprobs: TokenLogprobs | None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
@@ -178,6 +183,8 @@ class _Seq:
     deliver: Callable[[_Output | BaseException], None]
     generator: Any
     need: int  # positions this sequence may come to hold: prompt + max_tokens
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences, see _bad_words_ids
+    order: tuple[int, int] = (0, 0)  # (priority, arrival): the waiting queue's order
     output: list[int] = field(default_factory=list)
     length: int = 0  # positions in the cache
     done: bool = False
@@ -205,7 +212,8 @@ class _Core:
         self.wake = threading.Event()
         self.inbox: list[_Seq] = []
         self.cancelled: set[str] = set()
-        self.waiting: deque[_Seq] = deque()
+        self.waiting: list[_Seq] = []  # sorted by (priority, arrival)
+        self.arrivals = 0
         self.running: list[_Seq] = []
         self.active = 0  # waiting + running, readable from any thread
         self.stopping = False
@@ -216,6 +224,8 @@ class _Core:
 
     def submit(self, seq: _Seq) -> None:
         with self.lock:
+            seq.order = (seq.spec.priority, self.arrivals)
+            self.arrivals += 1
             self.inbox.append(seq)
             self.active += 1
         self.wake.set()
@@ -283,7 +293,8 @@ class _Core:
         with self.lock:
             new, self.inbox = self.inbox, []
             cancelled, self.cancelled = self.cancelled, set()
-        self.waiting.extend(new)
+        for seq in new:
+            bisect.insort(self.waiting, seq, key=lambda s: s.order)
         if not cancelled:
             return
         for seq in [s for s in self.waiting if s.request_id in cancelled]:
@@ -317,7 +328,7 @@ class _Core:
                 break  # waits until running sequences finish and free the cache
             if admitted and tokens + len(seq.prompt) > self.prefill_tokens:
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             admitted.append(seq)
             longest = max(longest, seq.need)
             tokens += len(seq.prompt)
@@ -390,8 +401,10 @@ class _Core:
         for i, seq in enumerate(seqs):
             tid = tokens[i]
             seq.output.append(tid)
-            reason = None
-            if tid in self.eos_ids:  # (not sampled before min_tokens: _sample masks it)
+            reason: FinishReason | None = None
+            # vLLM's order: EOS (unless ignore_eos), a stop token, then the length limits. Neither
+            # kind of stop token is sampled before min_tokens: _constrain masks them.
+            if (tid in self.eos_ids and not seq.spec.ignore_eos) or tid in seq.spec.stop_token_ids:
                 reason = "stop"
             elif len(seq.output) >= seq.spec.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
                 reason = "length"
@@ -409,12 +422,11 @@ class _Core:
         scores = logits
         for i, seq in enumerate(seqs):
             spec = seq.spec
-            if spec.presence_penalty or spec.frequency_penalty or spec.repetition_penalty != 1.0:
+            penalized = spec.presence_penalty or spec.frequency_penalty or spec.repetition_penalty != 1.0
+            if penalized or _constrains(seq):
                 scores = scores.clone() if scores is logits else scores
+                _constrain(torch, scores[i], seq, self.eos_ids)
                 _penalize(torch, scores[i], seq, self.device)
-            if len(seq.output) < spec.min_tokens and self.eos_ids:
-                scores = scores.clone() if scores is logits else scores
-                scores[i, list(self.eos_ids)] = float("-inf")
         chosen = [0] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.spec.temperature == 0]
         if greedy:
@@ -444,6 +456,67 @@ class _Core:
                     top = dict(zip(idx.tolist(), vals.tolist(), strict=True))
                 lps[i] = TokenLogprobs(chosen[i], float(raw[i, chosen[i]]), top)
         return chosen, lps
+
+
+def _bad_words_ids(encode: Callable[[str], list[int]], words: tuple[str, ...], vocab: int) -> tuple[tuple[int, ...], ...]:
+    """vLLM's token sequences for `bad_words` (SamplingParams.update_from_tokenizer): each word
+    without leading spaces, and again after one space when that is another first token and as
+    many tokens (a word mid-sentence). InvalidRequest as vLLM words it."""
+    seqs: list[tuple[int, ...]] = []
+    for word in dict.fromkeys(words):
+        if not word:
+            raise InvalidRequest(f"bad_words cannot contain an empty string. Got bad_words={list(words)}",
+                                 param="bad_words")
+        for prefix in ("", " "):
+            ids = tuple(encode(prefix + word.lstrip()))
+            if not ids:
+                if not prefix:
+                    raise InvalidRequest("bad_words entries must tokenize to at least one token.", param="bad_words")
+                continue
+            if not prefix or (ids[0] != seqs[-1][0] and len(ids) == len(seqs[-1])):
+                seqs.append(ids)
+    if len(seqs) > MAX_BAD_WORDS:
+        raise InvalidRequest(f"Too many bad words after tokenization: {len(seqs)}. The max number is {MAX_BAD_WORDS}.",
+                             param="bad_words")
+    invalid = [t for ids in seqs for t in ids if not 0 <= t < vocab]
+    if invalid:
+        raise InvalidRequest(f"The model vocabulary size is {vocab}, but the following tokens were specified as "
+                             f"bad: {invalid}.", param="bad_words")
+    return tuple(seqs)
+
+
+def _banned(bad_words: tuple[tuple[int, ...], ...], output: list[int]) -> list[int]:
+    """vLLM's bad-words rule: a word's last token is banned when its other tokens end the answer
+    so far (a one-token word always is); the prompt does not count."""
+    banned = []
+    for ids in bad_words:
+        n = len(ids) - 1
+        if n <= len(output) and (n == 0 or tuple(output[-n:]) == ids[:-1]):
+            banned.append(ids[-1])
+    return banned
+
+
+def _constrains(seq: _Seq) -> bool:
+    spec = seq.spec
+    return (spec.allowed_token_ids is not None or bool(seq.bad_words) or bool(spec.logit_bias)
+            or len(seq.output) < spec.min_tokens)
+
+
+def _constrain(torch: Any, row: Any, seq: _Seq, eos_ids: frozenset[int]) -> None:
+    """One row's logits before penalties, in vLLM's order: allowed_token_ids, bad_words, min_tokens
+    (EOS and stop tokens, even with ignore_eos), logit_bias (clamped to +-100, as vLLM's server does)."""
+    spec = seq.spec
+    if spec.allowed_token_ids is not None:
+        keep = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+        keep[list(spec.allowed_token_ids)] = True
+        row.masked_fill_(~keep, float("-inf"))
+    if seq.bad_words and (banned := _banned(seq.bad_words, seq.output)):
+        row[banned] = float("-inf")
+    if len(seq.output) < spec.min_tokens and (stops := eos_ids | set(spec.stop_token_ids)):
+        row[sorted(stops)] = float("-inf")
+    if spec.logit_bias:
+        bias = {tid: min(100.0, max(-100.0, b)) for tid, b in spec.logit_bias}
+        row[list(bias)] += torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device)
 
 
 def _penalize(torch: Any, row: Any, seq: _Seq, device: Any) -> None:
@@ -489,40 +562,82 @@ def _filtered_probs(torch: Any, scores: Any, specs: list[SamplingSpec]) -> Any:
 
 
 class _Text:
-    """Token ids -> text for one answer: whole characters only, special tokens skipped, and the
-    tail that could still begin a stop string held back until it cannot."""
+    """Token ids -> text for one answer, the way vLLM's detokenizer makes it: whole characters only;
+    special tokens left out (unless `skip_special_tokens` is off); the EOS or stop token that ended
+    the answer left out (unless `include_stop_str_in_output`); a stop string cut off with what
+    follows it (kept, with `include_stop_str_in_output`), and the tail that could still begin one
+    held back until it cannot."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, spec: SamplingSpec, skip_ids: frozenset[int],
+                 spaced_ids: frozenset[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.pending = ""
+        self.stop = spec.stop
+        self.include_stop = spec.include_stop_str_in_output
+        self.skip = skip_ids if spec.skip_special_tokens else frozenset()
+        # slow tokenizers only (empty otherwise): vLLM's slow detokenizer sets added tokens apart
+        # from their neighbours with spaces; its fast one (DecodeStream) gives their bare text
+        self.spaced = spaced_ids if spec.spaces_between_special_tokens else frozenset()
+        self.last_spaced: bool | None = None  # whether the last token with text was an added one
+        self.hold = max(len(s) for s in self.stop) - 1 if self.stop and not self.include_stop else 0
+        self.text = ""  # the answer so far
+        self.sent = 0  # characters of it already returned
 
-    def feed(self, token_id: int, check_stop: bool) -> tuple[str, bool]:
-        """New text to send, and whether a stop string ended the answer."""
-        if token_id not in self.tokenizer.special_ids:
-            self.pending += self.decoder.decode(self.tokenizer.token_bytes(token_id))
-        if check_stop and self.stop:
-            cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, self.pending = self.pending[:cut], ""
-                return text, True
-        if not self.stop or self.hold == 0:
-            text, self.pending = self.pending, ""
-            return text, False
-        keep = len(self.pending) - self.hold
-        if keep <= 0:
-            return "", False
-        text, self.pending = self.pending[:keep], self.pending[keep:]
-        return text, False
+    def feed(self, token_id: int, check_stop: bool, ends: bool = False) -> tuple[str, bool]:
+        """New text to send, and whether a stop string ended the answer. `ends`: this token is the
+        EOS or stop token that ended the answer."""
+        new = 0
+        if not (ends and not self.include_stop) and token_id not in self.skip:
+            piece = self.decoder.decode(self.tokenizer.token_bytes(token_id))
+            if self.spaced:
+                spaced = token_id in self.spaced
+                if self.last_spaced is not None and (spaced or self.last_spaced):
+                    piece = " " + piece
+                self.last_spaced = spaced
+            self.text += piece
+            new = len(piece)
+        if check_stop and self.stop and new:
+            hit = _find_stop(self.text, new, self.stop)
+            if hit is not None:
+                start, end = hit
+                self.text = self.text[: end if self.include_stop else start]
+                return self._take(len(self.text)), True
+        return self._take(len(self.text) - self.hold), False
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        text, self.sent = self.text[self.sent : upto], upto
+        return text
 
     def flush(self) -> str:
         """The held-back text at the end. Bytes of a character the answer was cut off in the middle
         of are dropped, not sent as U+FFFD: they never were a character (vLLM does the same)."""
-        text, self.pending = self.pending, ""
         self.decoder.reset()
-        return text
+        return self._take(len(self.text))
+
+
+def _find_stop(text: str, new: int, stops: tuple[str, ...]) -> tuple[int, int] | None:
+    """(start, end) of the stop string that ends within the last `new` characters of `text`,
+    the earliest-ending one if several do (then the first listed), as vLLM's check_stop_strings."""
+    best: tuple[int, int] | None = None
+    for stop in stops:
+        i = text.find(stop, max(len(text) - new - len(stop) + 1, 0))
+        if i >= 0 and (best is None or i + len(stop) < best[1]):
+            best = (i, i + len(stop))
+    return best
+
+
+def _special_ids(tokenizer: Tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """The tokens `skip_special_tokens` leaves out, and those `spaces_between_special_tokens` sets
+    apart with spaces, as vLLM decides them. Fast tokenizers (vLLM's DecodeStream): the added
+    tokens marked special, and none (DecodeStream gives an added token's bare text, as we always
+    do). Slow ones: the tokenizer's special tokens, and every added token."""
+    backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+    if backend is not None:
+        added = backend.get_added_tokens_decoder()
+        return frozenset(i for i, tok in added.items() if tok.special), frozenset()
+    return frozenset(tokenizer.special_ids), frozenset(int(i) for i in tokenizer.hf.get_added_vocab().values())
 
 
 # --------------------------------------------------------------------------- the engine
@@ -567,18 +682,22 @@ def _kv_budget_bytes(settings: Settings, device: str, total: int, used: int) -> 
 ENGINE_OVERHEAD = GiB // 4
 
 
-def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
-    """Memory this engine will hold for a model with `weights` bytes on a device of `total`
-    (on a GPU without a set KV size that is most of what is free, so such a model fills the device)."""
-    return weights + _kv_budget_bytes(settings, device, total, weights) + ENGINE_OVERHEAD
-
-
 class HFEngine:
     def __init__(self, core: _Core, tokenizer: Tokenizer, info: EngineInfo) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.info = info
+        self.skip_ids, self.spaced_ids = _special_ids(tokenizer)
         self._queues: dict[str, asyncio.Queue[_Output | BaseException]] = {}
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        """Memory this engine will hold for a model with `weights` bytes on a device of `total`
+        (on a GPU without a set KV size that is most of what is free, so such a model fills the device)."""
+        return weights + _kv_budget_bytes(settings, device, total, weights) + ENGINE_OVERHEAD
+
+    def attach_to_loop(self) -> None:
+        """Nothing to do: each request's queue is made on the loop it is generated on."""
 
     @classmethod
     def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> HFEngine:
@@ -666,6 +785,9 @@ class HFEngine:
                 "server with a larger --kv-cache-space.",
                 param="max_tokens",
             )
+        self._check_token_ids(spec)
+        bad_words = _bad_words_ids(lambda w: list(self.tokenizer.hf.encode(w, add_special_tokens=False)),
+                                   spec.bad_words, core.vocab) if spec.bad_words else ()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Output | BaseException] = asyncio.Queue()
 
@@ -676,8 +798,8 @@ class HFEngine:
                 pass
 
         generator = torch.Generator(device="cpu").manual_seed(spec.seed) if spec.seed is not None else None
-        seq = _Seq(request_id, list(prompt_token_ids), spec, deliver, generator, need)
-        text = _Text(self.tokenizer, spec.stop)
+        seq = _Seq(request_id, list(prompt_token_ids), spec, deliver, generator, need, bad_words)
+        text = _Text(self.tokenizer, spec, self.skip_ids, self.spaced_ids)
         finished = False
         core.submit(seq)
         try:
@@ -690,7 +812,7 @@ class HFEngine:
                 ids: list[int] = []
                 lps: list[TokenLogprobs] = []
                 prompt_lps = None
-                reason = None
+                reason: FinishReason | None = None
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -700,7 +822,9 @@ class HFEngine:
                         lps.append(item.logprobs)
                     if item.prompt_logprobs is not None:
                         prompt_lps = item.prompt_logprobs
-                    piece, stopped = text.feed(item.token_id, check_stop=count >= spec.min_tokens)
+                    # stop strings count from the token after min_tokens on, as in vLLM
+                    piece, stopped = text.feed(item.token_id, check_stop=count > spec.min_tokens,
+                                               ends=item.finish_reason == "stop")
                     pieces.append(piece)
                     if stopped:
                         reason = "stop"
@@ -720,6 +844,19 @@ class HFEngine:
         finally:
             if not seq.done:
                 core.cancel(request_id)
+
+    def _check_token_ids(self, spec: SamplingSpec) -> None:
+        """Token ids a request names must index the logits (vLLM refuses the others alike)."""
+        vocab = self.core.vocab
+        named = (("stop_token_ids", spec.stop_token_ids), ("logit_bias", tuple(t for t, _ in spec.logit_bias)),
+                 ("allowed_token_ids", spec.allowed_token_ids or ()))
+        for param, ids in named:
+            invalid = [t for t in ids if not 0 <= t < vocab]
+            if invalid:
+                raise InvalidRequest(f"token_id(s) {invalid} in {param} contain out-of-vocab token ids. "
+                                     f"Vocabulary size: {vocab}", param=param)
+        if spec.allowed_token_ids is not None and not spec.allowed_token_ids:
+            raise InvalidRequest("allowed_token_ids is not None and empty!", param="allowed_token_ids")
 
     async def abort(self, request_id: str) -> None:
         self.core.cancel(request_id)

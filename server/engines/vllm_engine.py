@@ -12,11 +12,12 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from server.config import Settings
-from server.engines.base import EngineInfo, SamplingSpec, TokenEvent, TokenLogprobs
+from server.engines.base import EngineInfo, FinishReason, SamplingSpec, TokenEvent, TokenLogprobs
 from server.errors import EngineError, InvalidRequest, ServiceUnavailable
+from server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,6 @@ ENGINE_OVERHEAD = 1 * GiB
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
-def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
-    """Memory this engine will hold for a model with `weights` bytes on a device of `total`."""
-    if device == "cuda" and settings.kv_cache_space is None:
-        # vLLM takes its share of the GPU up front, weights included
-        return int((settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION) * total)
-    if device == "cpu" and settings.gpu_memory_utilization is not None:
-        return int(settings.gpu_memory_utilization * total)
-    kv = int(settings.kv_cache_space * GiB) if settings.kv_cache_space is not None else _cpu_kv_cache_bytes(settings)
-    return weights + kv + ENGINE_OVERHEAD
-
-
 def engine_args(model_path: Path, settings: Settings) -> Any:
     """vLLM's engine arguments from our settings, with CPU defaults that fit a small box."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -69,6 +59,7 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         max_logprobs=settings.max_logprobs,
+        scheduling_policy=settings.scheduling_policy,
         trust_remote_code=settings.trust_remote_code,
         disable_log_stats=True,
     )
@@ -131,25 +122,39 @@ class _SchedulerStats:
 
 
 class VLLMEngine:
-    def __init__(self, llm: Any, info: EngineInfo) -> None:
+    def __init__(self, llm: Any, info: EngineInfo, by_priority: bool = False) -> None:
         self.llm = llm
         self.info = info
         self.stats = _SchedulerStats()
+        # --scheduling-policy priority: vLLM orders waiting requests by their priority
+        self.by_priority = by_priority
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        """Memory this engine will hold for a model with `weights` bytes on a device of `total`."""
+        if device == "cuda" and settings.kv_cache_space is None:
+            # vLLM takes its share of the GPU up front, weights included
+            return int((settings.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION) * total)
+        if device == "cpu" and settings.gpu_memory_utilization is not None:
+            return int(settings.gpu_memory_utilization * total)
+        kv = int(settings.kv_cache_space * GiB) if settings.kv_cache_space is not None else _cpu_kv_cache_bytes(settings)
+        return weights + kv + ENGINE_OVERHEAD
 
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache's blocks held by running requests, as of the last step."""
         return self.stats.kv_cache_usage
 
     @classmethod
-    def start(cls, model_path: Path, settings: Settings) -> VLLMEngine:
-        """Build the engine (blocking: loads weights, profiles memory, warms up)."""
+    def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> VLLMEngine:
+        """Build the engine (blocking: loads weights, profiles memory, warms up). vLLM loads its
+        own tokenizer from the model folder; `tokenizer` is not needed."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
         # frame alive, and shutdown() must be able to drop the last reference (see there).
         stats = _SchedulerStats()
         engine = cls(AsyncLLM.from_engine_args(engine_args(model_path, settings), stat_loggers=[stats.logger]),
-                     EngineInfo("vllm", 0))
+                     EngineInfo("vllm", 0), by_priority=settings.scheduling_policy == "priority")
         engine.stats = stats
         config = engine.llm.vllm_config
         engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
@@ -187,7 +192,15 @@ class VLLMEngine:
             logprobs=spec.logprobs,
             prompt_logprobs=spec.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
+            ignore_eos=spec.ignore_eos,
+            stop_token_ids=list(spec.stop_token_ids) or None,
+            include_stop_str_in_output=spec.include_stop_str_in_output,
+            skip_special_tokens=spec.skip_special_tokens,
+            spaces_between_special_tokens=spec.spaces_between_special_tokens,
+            # clamped as vLLM's own OpenAI server does (SamplingParams.from_optional)
+            logit_bias={tid: min(100.0, max(-100.0, bias)) for tid, bias in spec.logit_bias} or None,
+            bad_words=list(spec.bad_words) or None,
+            allowed_token_ids=list(spec.allowed_token_ids) if spec.allowed_token_ids is not None else None,
         )
 
     async def generate(
@@ -196,8 +209,16 @@ class VLLMEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        params = self._params(spec)
-        stream = self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        try:
+            params = self._params(spec)  # SamplingParams checks some fields as it is built (bad_words)
+        except VLLMValidationError as e:
+            raise InvalidRequest(str(e), param=getattr(e, "parameter", None)) from e
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_token_ids}
+        if spec.cache_salt is not None:
+            prompt["cache_salt"] = spec.cache_salt
+        # under fcfs vLLM serves by arrival: a priority is not passed (the priority policy orders by it)
+        priority = spec.priority if self.by_priority else 0
+        stream = self.llm.generate(prompt, params, request_id, priority=priority)
         first = True
         try:
             async for out in stream:
@@ -225,7 +246,7 @@ class VLLMEngine:
                     text=seq.text,
                     token_ids=tuple(seq.token_ids),
                     logprobs=logprobs,
-                    finish_reason=reason,
+                    finish_reason=cast(FinishReason | None, reason),
                     prompt_logprobs=prompt_lps,
                     cached_tokens=cached,
                 )

@@ -60,7 +60,7 @@ def test_invalid_chat_values_name_the_field(http: httpx.Client, field: str, valu
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("logit_bias", {"1": 5}),
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("web_search_options", {}),
      ("response_format", {"type": "json_object"}), ("modalities", ["audio"]), ("bogus_field", 1)],
 )
 def test_unsupported_fields_are_refused_by_name(http: httpx.Client, field: str, value: object) -> None:
@@ -148,7 +148,7 @@ def test_completion_errors(http: httpx.Client) -> None:
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:
     _error(http.get("/v1/nothing-here"), 404)
-    _error(http.get("/v1/chat/completions"), 405)
+    _error(http.put("/v1/chat/completions"), 405)
 
 
 def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:

@@ -1,0 +1,140 @@
+"""Every HTTP request passes the gate first: a request id, the key check, rate-limit headers on
+the response, and the one place it is accounted for (metrics and the request log).
+
+What the rest of the server learns about a request on its way (the model that served it, its
+tokens, why it finished) goes into its `Access` record, a typed object the gate creates and the
+pipeline fills in; the gate turns it into a metrics sample and a request-log row when the
+response has gone out, however it ended.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.auth import Key
+from server.errors import AuthenticationError
+from server.store import Row, utcnow
+
+if TYPE_CHECKING:
+    from server.app import ServerState
+
+# route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/admin/models",
+          "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/")
+# paths behind the keys (when keys are configured) besides everything under /v1/
+KEYED = ("/tokenize", "/detokenize")
+# ...and the paths whose requests go into the request log
+LOGGED = KEYED
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def route_label(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path.startswith("/v1/admin/models/"):
+        return "/v1/admin/models/{model}"
+    if path.startswith("/v1/chat/completions/"):
+        return "/v1/chat/completions/{id}"
+    return path if path in ROUTES else "other"
+
+
+@dataclass
+class Access:
+    """One request's record: written by the gate and the pipeline, read once by `Gate._account`."""
+
+    request_id: str
+    arrived: datetime
+    key: Key | None = None
+    model: str = ""  # the model that served it ("" until one is chosen: unknown names are not labels)
+    engine: str | None = None
+    alias: str | None = None  # the name the client asked for, when it was an alias
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    finish_reason: str | None = None
+    prompt: str | None = None  # kept only with --log-content
+    answer: str | None = None
+    metadata: str | None = None  # the client's `metadata` (JSON), a hint kept for the operator
+    safety_identifier: str | None = None
+
+
+def access(request: Request) -> Access:
+    """The record of the request being served (the gate put it there)."""
+    record: Access = request.scope["state"]["access"]
+    return record
+
+
+class Gate:
+    """ASGI middleware: `x-request-id` (the client's when it sent a sane one), keys on `/v1/*` and
+    `/tokenize`, `/detokenize` (and `/metrics` when so set), a limited key's rate-limit headers on
+    every response, and the accounting."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        record = Access(request_id=given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex, arrived=utcnow())
+        scope.setdefault("state", {})["access"] = record
+        path: str = scope["path"]
+        status = 500
+        started = time.monotonic()
+        try:
+            if (path.startswith("/v1/") or path in KEYED
+                    or (path == "/metrics" and state.settings.metrics_require_key)):
+                try:
+                    record.key = state.keys.authenticate(headers.get("authorization"))
+                except AuthenticationError as e:
+                    status = e.status_code
+                    response = JSONResponse(e.to_dict(), status_code=status, headers={
+                        "x-request-id": record.request_id, "www-authenticate": "Bearer"})
+                    await response(scope, receive, send)
+                    return
+
+            async def send_with_headers(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    out = MutableHeaders(scope=message)
+                    out["x-request-id"] = record.request_id
+                    # which model served it: an alias's chosen variant, for A/B comparisons
+                    if record.model:
+                        out["x-llm-model"] = record.model
+                    for name, value in state.key_limits.headers(record.key).items():
+                        if name not in out:
+                            out[name] = value
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self._account(record, path, status, time.monotonic() - started)
+
+    def _account(self, record: Access, path: str, status: int, seconds: float) -> None:
+        state = self.state
+        route = route_label(path)
+        state.metrics.requests.labels(route, record.model, str(status)).inc()
+        if state.request_log is not None and (path.startswith("/v1/") or path in LOGGED):
+            state.request_log.record(Row(
+                time=record.arrived, request_id=record.request_id, route=route, status=status,
+                latency_ms=seconds * 1000, key_name=record.key.name if record.key else None,
+                model=record.model or None, engine=record.engine, alias=record.alias,
+                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                ttft_ms=record.ttft_ms, finish_reason=record.finish_reason, prompt=record.prompt,
+                answer=record.answer, metadata=record.metadata, safety_identifier=record.safety_identifier,
+            ))
