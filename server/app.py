@@ -13,13 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI
 
-from server import __version__, admin, ops
+from server import __version__, admin, openapi, ops
 from server.api import chat, completions, models, tokenize
 from server.auth import Keys
 from server.config import Settings
@@ -33,6 +34,7 @@ from server.store import RequestLog
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "stopping"]
+RENDER_THREADS = 2
 
 
 @dataclass
@@ -47,6 +49,10 @@ class ServerState:
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     request_log: RequestLog | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
+    # templating and tokenizing prompts: off the event loop (probes and streams keep being served),
+    # in a bounded pool (a burst of huge prompts waits its turn instead of taking every thread)
+    render_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="render"))
 
     def drain(self, timeout: float, then: Callable[[], None]) -> asyncio.Task[None]:
         """Refuse new work (503, readiness false), wait up to `timeout` s for admitted requests
@@ -162,6 +168,7 @@ def create_app(
                 reaper.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await registry.close()
+            state.render_pool.shutdown(wait=False, cancel_futures=True)
             # last: the rows of requests the shutdown ended are in the buffer by now
             await asyncio.to_thread(state.request_log.stop)
 
@@ -177,4 +184,5 @@ def create_app(
                    admin.usage_router):
         app.include_router(router)
     app.add_middleware(Gate, state=state)
+    openapi.install(app)
     return app

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +199,32 @@ def _validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return f"Invalid value for '{param}': {msg}.", param
 
 
+def _log(request: Request, exc: APIError) -> None:
+    """ERROR is for what an operator must look at: a 500, the engine or the server failed. A 503
+    (loading, unloading, shutting down) or 507 (no room for a model) is the server's state, not a
+    fault, and a client that left is the client's doing: one INFO line each. Other 4xx are the
+    client's business: no line."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 500:
+        log.error("%s %s: %s", where, type(exc).__name__, exc.message)
+    elif exc.status_code > 500 or isinstance(exc, ClientClosedRequest):
+        log.info("%s: %d %s", where, exc.status_code, exc.message)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Route every error the app can produce through OpenAI's error shape."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        if exc.status_code >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _log(request, exc)
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _left(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client left while its body was being read (a route that reads it itself)
+        err = ClientClosedRequest("The client closed the connection while sending the request.")
+        _log(request, err)
+        return JSONResponse(err.to_dict(), status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

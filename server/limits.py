@@ -117,6 +117,17 @@ class KeyLimits:
         usage.concurrent += 1
         return Ticket(usage, entry)
 
+    def charge(self, key: Key | None, tokens: int) -> None:
+        """Count a request that was refused for its size (a prompt too long for the context)
+        against its key's requests and tokens, without admitting it: sending huge prompts is not
+        free. Never raises; the next request sees the cost."""
+        if key is None or not self.limited(key):
+            return
+        now = self.clock()
+        usage = self._get(key)
+        usage.requests.append(now)
+        usage.tokens.append([now, float(tokens)])
+
     @staticmethod
     def _token_wait(usage: _Usage, room: int, now: float) -> float:
         """Seconds until the window's token sum drops to `room` or less."""

@@ -88,10 +88,11 @@ class Prompt:
 
 @dataclass
 class Target:
-    """The ready model a request goes to."""
+    """The ready model a request goes to, and the request it serves."""
 
     served: Served
     entry: Entry
+    request: Request
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -105,23 +106,43 @@ class Target:
                           continue_final_message: bool = False, add_special_tokens: bool = False,
                           documents: list[dict[str, str]] | None = None,
                           template_kwargs: dict[str, Any] | None = None) -> Prompt:
-        """The chat template applied and tokenized, in a worker thread (a long prompt takes
-        a while, and the event loop keeps answering probes and other requests meanwhile)."""
-        tok = self.tokenizer
-        text = await asyncio.to_thread(
-            tok.render_chat, messages, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, documents=documents, template_kwargs=template_kwargs)
-        ids = await asyncio.to_thread(tok.encode, text, add_special_tokens)
-        return Prompt(ids, text)
+        """The chat template applied and tokenized, off the event loop (see `_off_loop`)."""
+        text = await self._off_loop(lambda: self.tokenizer.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            documents=documents, template_kwargs=template_kwargs))
+        return await self.encode(text, add_special_tokens, param="messages")
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> Prompt:
-        return Prompt(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens), text)
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> Prompt:
+        """Tokens of `text`. A text that cannot fit the context is refused before it is
+        tokenized, from its length alone, and its refusal counts against the key's limits."""
+        at_least = self.tokenizer.min_tokens(text)
+        if at_least >= self.max_model_len:
+            _charge(self.request, at_least)
+            what = "messages" if param == "messages" else "prompt"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your {what} "
+                f"({len(text)} characters) is at least {at_least} tokens. Please reduce the length of the {what}.",
+                param=param)
+        return Prompt(await self._off_loop(lambda: self.tokenizer.encode(text, add_special_tokens)), text)
 
     def token_prompt(self, ids: Sequence[int], param: str = "prompt") -> Prompt:
         vocab = self.tokenizer.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise InvalidRequest(f"Invalid value for '{param}': token ids must be in [0, {vocab}).", param=param)
         return Prompt(list(ids), self.tokenizer.decode(list(ids)))
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Templates and tokenizers run in the server's bounded render pool: the event loop keeps
+        answering probes and streams while a long prompt is tokenized, and a burst of them waits
+        for a thread instead of taking them all."""
+        pool = self.request.app.state.server.render_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
+
+
+def _charge(request: Request, tokens: int) -> None:
+    """A request refused for its size still costs its key: a request, and its tokens."""
+    state = request.app.state.server
+    state.key_limits.charge(access(request).key, tokens)
 
 
 async def resolve(request: Request, model: str, user: str | None) -> Target:
@@ -137,7 +158,7 @@ async def resolve(request: Request, model: str, user: str | None) -> Target:
     record = access(request)
     record.model, record.engine = entry.name, served.engine.info.name
     record.alias = alias.name if alias is not None else None
-    return Target(served, entry)
+    return Target(served, entry, request)
 
 
 # --------------------------------------------------------------------------- check + admit
@@ -297,7 +318,13 @@ async def start(request: Request, target: Target, gen: Generation, request_id: s
     record.metadata = json.dumps(gen.metadata, ensure_ascii=False) if gen.metadata else None
     record.safety_identifier = gen.safety_identifier
     limit = target.max_model_len
+    if any(not p.ids for p in gen.prompts):
+        raise InvalidRequest(f"Invalid value for '{gen.prompt_param}': the prompt is empty (it has no tokens); "
+                             "give at least one token to continue from.", param=gen.prompt_param)
     prompts = [_truncate(p, gen, limit, target.tokenizer) for p in gen.prompts]
+    too_long = [len(p.ids) for p in prompts if len(p.ids) >= limit]
+    if too_long:
+        _charge(request, sum(too_long))
     requested = gen.max_tokens
     cap = settings.max_tokens_limit
     if requested is not None and cap is not None and requested > cap:

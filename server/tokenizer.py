@@ -43,10 +43,24 @@ class Tokenizer:
         decoder = type(backend.decoder).__name__ if backend is not None and backend.decoder else ""
         self._byte_level = decoder == "ByteLevel"
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        # the most characters one token stands for (a special token's name included): a text of N
+        # characters is at least N / this many tokens, known without tokenizing it
+        self.max_token_chars = self._max_token_chars()
 
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    def _max_token_chars(self) -> int:
+        longest = max((len(self.token_bytes(t)) for t in range(self.vocab_size)), default=1)
+        # special tokens written in the text are matched by their name
+        return max([longest, 1, *(len(str(t)) for t in self.hf.all_special_tokens)])
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens `text` encodes to (each token covers at most
+        `max_token_chars` characters, since a character is at least one byte)."""
+        # halved: a normalizer that composes characters could make a token cover more of them
+        return -(-len(text) // (2 * self.max_token_chars))
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, documents: list[dict[str, str]] | None = None,

@@ -55,6 +55,7 @@ def _client(server: ServerProcess, key: str) -> openai.OpenAI:
 @pytest.mark.parametrize("method,path", [
     ("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}"), ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"), ("GET", "/v1/no-such-route"), ("GET", "/v1/"),
+    ("POST", "/tokenize"), ("POST", "/detokenize"),
 ])
 def test_every_v1_path_needs_a_key(ops: ServerProcess, method: str, path: str) -> None:
     for headers in ({}, {"Authorization": "Bearer sk-wrong-key-123"}, {"Authorization": LIMITED}):
@@ -265,6 +266,36 @@ async def test_admission_is_fifo_and_bounded() -> None:
     await asyncio.sleep(0.01)
     assert order == ["first", "second"] and adm.in_use == 2 and adm.waiting == 0
     await asyncio.gather(first, second)
+
+
+async def test_admission_orders_waiting_requests_by_priority_then_arrival() -> None:
+    adm = Admission(running=1, max_queued=8)
+    await adm.acquire(1)
+    order: list[str] = []
+
+    async def wait(name: str, priority: int) -> None:
+        await adm.acquire(1, priority)
+        order.append(name)
+        adm.release(1)
+
+    tasks = []
+    for name, priority in (("late-low", 5), ("a", 0), ("urgent", -3), ("b", 0)):
+        tasks.append(asyncio.create_task(wait(name, priority)))
+        await asyncio.sleep(0.01)
+    adm.release(1)
+    await asyncio.gather(*tasks)
+    assert order == ["urgent", "a", "b", "late-low"]
+
+
+def test_a_refused_oversized_request_still_costs_its_key() -> None:
+    now = [1000.0]
+    limits = KeyLimits(clock=lambda: now[0])
+    key = Key(name="k", digest=digest("sk-12345678"), requests_per_minute=2, tokens_per_minute=10_000)
+    limits.charge(key, 9_000)
+    assert limits.headers(key)["x-ratelimit-remaining-requests"] == "1"
+    assert limits.headers(key)["x-ratelimit-remaining-tokens"] == "1000"
+    with pytest.raises(RateLimited):
+        limits.admit(key, 2_000)
 
 
 def test_keys_file_formats_and_errors(tmp_path: Path) -> None:

@@ -157,3 +157,29 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
     assert e.value.param == "temperature"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MSG, n=0, stream=True)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("field", "value", "extra"),
+    [("seed", 2**64, {}), ("seed", -(2**63) - 1, {}), ("seed", 10**30, {}), ("seed", 2**63 - 1, {"n": 2}),
+     ("top_k", 2**64, {}), ("max_tokens", 2**40, {}), ("priority", 2**63, {}), ("min_tokens", 2**64, {})],
+)
+def test_out_of_range_numbers_are_400s_naming_the_field(http: httpx.Client, route: str, stream: bool, field: str,
+                                                         value: int, extra: dict) -> None:
+    """Numbers an engine cannot take are refused before anything runs, so a stream never starts
+    (a 200 followed by an error event would hide the fault from the client)."""
+    body = {"model": MODEL, field: value, "stream": stream, **extra,
+            **({"messages": MSG} if route.endswith("chat/completions") else {"prompt": "Hi"})}
+    r = http.post(route, json=body)
+    err = _error(r, 400)
+    assert err["param"] == field, err
+
+
+@pytest.mark.parametrize("body", [{"prompt": ""}, {"prompt": "", "echo": True},
+                                  {"prompt": ["", "a"], "repetition_penalty": 0.5, "max_tokens": 2}])
+def test_an_empty_prompt_is_a_400(http: httpx.Client, body: dict) -> None:
+    # found by the fuzzer: it reached the Transformers engine and failed there (500)
+    err = _error(http.post("/v1/completions", json={"model": MODEL, **body}), 400)
+    assert err["param"] == "prompt"
