@@ -89,6 +89,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="YAML or JSON file of keys with names and per-key limits (see README)")
     o.add_argument("--metrics-require-key", action="store_true", default=None,
                    help="GET /metrics needs a key too (default: open, for Prometheus on a private network)")
+    o.add_argument("--docs-require-key", action="store_true", default=None,
+                   help="/openapi.json, /docs and /redoc need a key too (default: open; the interactive "
+                        "page cannot send one, so use a proxy that adds it)")
     o.add_argument("--max-queued-requests", type=int, default=64,
                    help="requests that may wait for a free slot in the engine; beyond: 429 at once")
     o.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")

@@ -197,6 +197,7 @@ class Settings:
     api_key: tuple[str, ...] = ()  # --api-key, repeatable
     api_keys_file: Path | None = None
     metrics_require_key: bool = False
+    docs_require_key: bool = False  # /docs, /redoc, /openapi.json behind the keys too
     max_queued_requests: int = 64
     max_request_bytes: int = 4 << 20
     max_messages: int = 2048

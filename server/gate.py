@@ -35,6 +35,8 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", 
 KEYED = ("/tokenize", "/detokenize")
 # ...and the paths whose requests go into the request log
 LOGGED = KEYED
+# the API's description and its pages: open, unless --docs-require-key
+DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -76,7 +78,7 @@ def access(request: Request) -> Access:
 
 class Gate:
     """ASGI middleware: `x-request-id` (the client's when it sent a sane one), keys on `/v1/*` and
-    `/tokenize`, `/detokenize` (and `/metrics` when so set), a limited key's rate-limit headers on
+    `/tokenize`, `/detokenize` (and `/metrics`, the docs, when so set), a limited key's rate-limit headers on
     every response, and the accounting."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
@@ -97,7 +99,8 @@ class Gate:
         started = time.monotonic()
         try:
             if (path.startswith("/v1/") or path in KEYED
-                    or (path == "/metrics" and state.settings.metrics_require_key)):
+                    or (path == "/metrics" and state.settings.metrics_require_key)
+                    or (path in DOCS and state.settings.docs_require_key)):
                 try:
                     record.key = state.keys.authenticate(headers.get("authorization"))
                 except AuthenticationError as e:

@@ -274,3 +274,17 @@ class PromptLogprob(Wire):
 
 
 PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, server_error, requests (a rate limit), server_overloaded
+    param: str | None  # the request field at fault, as a dotted path ("messages.content")
+    code: str | None  # e.g. model_not_found, unsupported_parameter, context_length_exceeded
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: the body of every 4xx and 5xx (`errors.APIError.to_dict`), and the
+    one event a stream that fails midway sends."""
+
+    error: ErrorDetail
