@@ -4,6 +4,7 @@ engine errors, loading and failed states. Uses the real tokenizer and a fake eng
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -108,7 +109,8 @@ def test_dead_engine_turns_health_503(client: TestClient, engine: FakeEngine) ->
     assert err.status_code == 503 and err.json()["error"]["code"] == "service_unavailable"
 
 
-def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngine) -> None:
+def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngine,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     release = threading.Event()
 
     def slow_loader(_: Settings, progress: object) -> Served:
@@ -118,8 +120,14 @@ def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngin
     with TestClient(create_app(UNIT, loader=slow_loader)) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
-        err = c.post("/v1/chat/completions", json=CHAT)
+        with caplog.at_level(logging.INFO, logger="server.errors"):
+            err = c.post("/v1/chat/completions", json=CHAT)
+            bad = c.post("/v1/chat/completions", json={**CHAT, "seed": 2**64})
         assert err.status_code == 503 and "loading" in err.json()["error"]["message"]
+        assert bad.status_code == 400
+        # the server's state (a 503) is one INFO line, a client's mistake none; ERROR is for faults
+        records = [r for r in caplog.records if r.name == "server.errors"]
+        assert [r.levelname for r in records] == ["INFO"] and "503" in records[0].getMessage()
         assert c.get("/v1/models").json()["data"][0]["id"] == MODEL
         release.set()
         deadline = time.monotonic() + 10
