@@ -95,7 +95,7 @@ def test_stream_through_nginx_arrives_chunk_by_chunk(gateway: str) -> None:
 
 def test_request_ids_pass_through_and_errors_keep_their_shape(gateway: str) -> None:
     r = httpx.post(f"{gateway}/v1/chat/completions", headers={"X-Request-Id": "req-abc-123"},
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, timeout=120)
     assert r.status_code == 200 and r.headers["x-request-id"] == "req-abc-123"
     assert re.fullmatch(r"[0-9a-f]{32}", httpx.get(f"{gateway}/v1/models").headers["x-request-id"])
     # the server's own errors pass through untouched
@@ -103,7 +103,7 @@ def test_request_ids_pass_through_and_errors_keep_their_shape(gateway: str) -> N
     assert r.status_code in (400, 404) and "error" in r.json()
     # bodies over nginx's limit are refused before they reach the server, in OpenAI's shape
     big = "x" * (5 << 20)
-    r = httpx.post(f"{gateway}/v1/completions", content=big, headers={"content-type": "application/json"})
+    r = httpx.post(f"{gateway}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=120)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 

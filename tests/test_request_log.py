@@ -244,7 +244,8 @@ def test_a_minute_of_overload_is_served_or_429_with_a_row_each(tmp_path: Path) -
     statuses = [s for _, s in got]
     print(f"overload: {len(got)} requests, {statuses.count(200)} served, {statuses.count(429)} answered 429")
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
-    assert statuses.count(200) >= 20 and statuses.count(429) >= 1
+    # served and refused both (how many of each is the box's speed, not behaviour)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1
     rows = _rows(url)
     assert len([r for r in rows.values() if r.request_id.startswith("over-")]) == len(got)
     assert all(rows[rid].status == status for rid, status in got)
