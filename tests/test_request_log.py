@@ -106,7 +106,7 @@ def test_rows_match_what_the_client_saw(sqlite_server: tuple[ServerProcess, str]
 
 def test_usage_sums_per_key_and_model_for_admins_only(sqlite_server: tuple[ServerProcess, str]) -> None:
     server, url = sqlite_server
-    admin = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"})
+    admin = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     r = admin.post("/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
     assert r.status_code == 200
     assert httpx.get(server.base_url + "/usage", headers={"Authorization": f"Bearer {USER}"}).status_code == 403
