@@ -359,8 +359,7 @@ def _cache_salt(record: Access, salt: str | None) -> str | None:
     which prompts another sent). A client's own `cache_salt` divides its key's share further."""
     if record.key is None:
         return salt
-    mine = hashlib.sha256(record.key.digest + (salt or "").encode()).hexdigest()
-    return mine
+    return hashlib.sha256(record.key.digest + (salt or "").encode()).hexdigest()
 
 
 def _truncate(prompt: Prompt, gen: Generation, limit: int, tok: Tokenizer) -> Prompt:
