@@ -265,5 +265,8 @@ async def test_seeded_long_prompts_under_load_keep_the_engine_alive(
     texts = await asyncio.gather(*(one(i) for i in range(6)))
     assert all(texts)
     assert (await asyncio.to_thread(http.get, "/health")).status_code == 200
-    # and the seeds are exact: alone, a request gives what it gave under load
-    assert await one(0) == texts[0]
+    # and the seed is the request's own generator (a shared one would have moved on): alone, twice,
+    # a request gives the same answer. Not compared with its answer under load: bf16 logits from a
+    # batch of six differ in the last bits from those of a batch of one, and a draw near a token's
+    # cumulative boundary then picks its neighbour (neither engine promises batch invariance)
+    assert await one(0) == await one(0)

@@ -260,5 +260,7 @@ async def test_priority_orders_the_waiting_queue(server: object, aclient: openai
     early = asyncio.create_task(occupy("better", -5))
     await until(lambda: waiting() >= 2)
     await asyncio.gather(hog, late, early)
+    # the better one's first token comes first; when its last slots free, the worse one may be
+    # scheduled while the better one's final chunks are still on the wire, so ends are not compared
     assert started["better"] < started["worse"]
-    assert finished["better"] <= started["worse"]
+    assert set(finished) == {"hog", "worse", "better"}
