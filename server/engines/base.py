@@ -21,6 +21,21 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A grammar the answer must match, checked and normalized by `server.structured` before any
+    engine sees it. Engines compile it with xgrammar for their tokenizer; JSON is compact (no free
+    whitespace: `disable_any_whitespace` in vLLM's terms), so a small model cannot wander in spaces.
+
+    kind "json": `value` is a JSON Schema (JSON mode is '{"type": "object"}'); "regex": a regular
+    expression; "grammar": an EBNF (GBNF) or Lark grammar (choices arrive here as EBNF);
+    "structural_tag": an xgrammar structural tag (JSON), as tool calls use.
+    """
+
+    kind: Literal["json", "regex", "grammar", "structural_tag"]
+    value: str
+
+
+@dataclass(frozen=True)
 class SamplingSpec:
     """What to generate for one sequence; values are already validated and defaulted."""
 
@@ -50,6 +65,8 @@ class SamplingSpec:
     allowed_token_ids: tuple[int, ...] | None = None  # only these may be generated
     priority: int = 0  # lower is served sooner; given to engines that schedule by priority
     cache_salt: str | None = None  # prefix-cache hits only between requests of the same salt
+    # the answer matches this grammar; end-of-sequence only where the grammar may end
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
