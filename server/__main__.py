@@ -16,6 +16,7 @@ from server.config import (
     ENGINES,
     EXECUTOR_BACKENDS,
     SCHEDULING_POLICIES,
+    TOOL_CALL_FORMATS,
     Settings,
     SettingsError,
 )
@@ -72,6 +73,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="vLLM: serve waiting requests in arrival order (fcfs) or by each request's priority, "
                         "lower first (priority; under fcfs a request's priority is not passed to vLLM). "
                         "The transformers engine always admits waiting requests by priority, then arrival")
+    e.add_argument("--tool-call-format", default="auto", choices=list(TOOL_CALL_FORMATS),
+                   help="how the model writes tool calls: hermes (<tool_call>{...}</tool_call>), llama3_json, "
+                        "mistral ([TOOL_CALLS]); auto reads it from the chat template, and uses hermes (with tools "
+                        "described in the system turn) for templates that know no tools")
     mm = p.add_argument_group("many models")
     mm.add_argument("--memory-budget", type=float, default=None,
                     help="GiB the models may hold together (GPU memory with a GPU, else RAM); a model "

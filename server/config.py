@@ -27,8 +27,10 @@ SCHEDULING_POLICIES: tuple[str, ...] = ("fcfs", "priority")
 MODEL_SETTINGS: tuple[str, ...] = (
     "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space", "tensor_parallel_size",
     "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs", "max_num_batched_tokens",
-    "enforce_eager", "seed", "max_logprobs", "trust_remote_code", "scheduling_policy",
+    "enforce_eager", "seed", "max_logprobs", "trust_remote_code", "scheduling_policy", "tool_call_format",
 )
+# how a model writes tool calls: auto (read from its chat template) or one of server.tools' formats
+TOOL_CALL_FORMATS: tuple[str, ...] = ("auto", "hermes", "llama3_json", "mistral")
 # `--model NAME=default` / a models file's `source: default`: the embedded default model
 DEFAULT_SOURCE = "default"
 
@@ -193,6 +195,7 @@ class Settings:
     seed: int = 0
     max_logprobs: int = 20
     scheduling_policy: SchedulingPolicy = "fcfs"  # vLLM's; "priority" honours requests' `priority`
+    tool_call_format: str = "auto"  # auto: from the chat template (hermes when it knows no tools)
     # operations
     api_key: tuple[str, ...] = ()  # --api-key, repeatable
     api_keys_file: Path | None = None
@@ -225,6 +228,9 @@ class Settings:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise SettingsError("scheduling_policy",
                                 f"must be one of {', '.join(SCHEDULING_POLICIES)}, not {self.scheduling_policy!r}")
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise SettingsError("tool_call_format",
+                                f"must be one of {', '.join(TOOL_CALL_FORMATS)}, not {self.tool_call_format!r}")
         if self.dtype not in DTYPES:
             raise SettingsError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

@@ -68,6 +68,8 @@ class Access:
     answer: str | None = None
     metadata: str | None = None  # the client's `metadata` (JSON), a hint kept for the operator
     safety_identifier: str | None = None
+    constrained: str | None = None  # what the answer had to match: json, regex, grammar, structural_tag, tools
+    tool_calls: int | None = None  # tool calls in the answers
 
 
 def access(request: Request) -> Access:

@@ -22,13 +22,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from server import tools
 from server.engines.base import Engine, FinishReason, SamplingSpec, TokenEvent, TokenLogprobs
 from server.errors import (
     ClientClosedRequest,
@@ -102,14 +103,27 @@ class Target:
     def max_model_len(self) -> int:
         return self.served.engine.info.max_model_len
 
+    @property
+    def tool_format(self) -> tools.ToolFormat:
+        """How this model writes tool calls: its setting, else what its chat template shows."""
+        fmt = self.entry.settings.tool_call_format
+        return tools.detect(self.tokenizer.chat_template_text) if fmt == "auto" else cast(tools.ToolFormat, fmt)
+
     async def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                           continue_final_message: bool = False, add_special_tokens: bool = False,
                           documents: list[dict[str, str]] | None = None,
-                          template_kwargs: dict[str, Any] | None = None) -> Prompt:
-        """The chat template applied and tokenized, off the event loop (see `_off_loop`)."""
+                          template_kwargs: dict[str, Any] | None = None,
+                          tool_list: list[dict[str, Any]] | None = None) -> Prompt:
+        """The chat template applied and tokenized, off the event loop (see `_off_loop`). Tools
+        (and tool turns) go through the template when it knows tools, else through the fallback."""
+        template_tools = tool_list or None
+        if not tools.knows_tools(self.tokenizer.chat_template_text):
+            if tool_list or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+                messages = tools.fallback(messages, tool_list or [])
+            template_tools = None
         text = await self._off_loop(lambda: self.tokenizer.render_chat(
             messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-            documents=documents, template_kwargs=template_kwargs))
+            documents=documents, template_kwargs=template_kwargs, tools=template_tools))
         return await self.encode(text, add_special_tokens, param="messages")
 
     async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> Prompt:

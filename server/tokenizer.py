@@ -43,6 +43,9 @@ class Tokenizer:
         decoder = type(backend.decoder).__name__ if backend is not None and backend.decoder else ""
         self._byte_level = decoder == "ByteLevel"
         self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
+        template = getattr(self.hf, "chat_template", None)
+        # all of a tokenizer's named templates, as text (what tool support is detected from)
+        self.chat_template_text = "\n".join(template.values()) if isinstance(template, dict) else str(template or "")
         # the most characters one token stands for (a special token's name included): a text of N
         # characters is at least N / this many tokens, known without tokenizing it
         self.max_token_chars = self._max_token_chars()
@@ -64,7 +67,7 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, documents: list[dict[str, str]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> str:
+                    template_kwargs: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None) -> str:
         """Messages rendered with the model's own chat template: ready for the assistant's turn,
         or (`continue_final_message`) ending inside the final assistant message, left open."""
         if not self.has_chat_template:
@@ -82,7 +85,7 @@ class Tokenizer:
         try:
             text = self.hf.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                documents=documents, tokenize=False, **kwargs)
+                documents=documents, tools=tools, tokenize=False, **kwargs)
         except (ValueError, TypeError, KeyError) as e:
             raise InvalidRequest(f"The chat template could not render these messages: {e}", param="messages") from None
         except Exception as e:  # jinja2's TemplateError (e.g. raise_exception in the template)

@@ -14,10 +14,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server import pipeline, sse
+from server import pipeline, sse, tools
 from server.api import envelope
 from server.engines.base import TokenLogprobs
 from server.errors import InvalidRequest, NotFound
+from server.gate import access
 from server.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -25,9 +26,14 @@ from server.protocol.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatFinishReason,
     ChoiceLogprobs,
     Delta,
+    FunctionCall,
+    FunctionCallDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
 )
 from server.tokenizer import Tokenizer
@@ -43,16 +49,29 @@ async def create(request: Request) -> Response:
     if len(body.messages) > cap:
         raise InvalidRequest(f"Too many messages: {len(body.messages)}; this server takes at most {cap}.",
                              param="messages")
+    constraint = body.constraint(body.response_format)
     target = await pipeline.resolve(request, body.model, body.user)
+    tool_list = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
+                 for t in body.tools or [] if t.function is not None]
+    if body.calls_tools:
+        if constraint is not None:
+            raise InvalidRequest("A structured 'response_format' cannot be combined with tool calls: an answer is "
+                                 "either calls or the structured reply. Set 'tool_choice' to 'none', or leave "
+                                 "'response_format' out.", param="response_format")
+        constraint = tools.grammar(target.tool_format, _for_grammar(tool_list), body.tool_choice_for_grammar(),
+                                   body.parallel_tool_calls is not False)
+    if constraint is not None:
+        body.check_constrained("tool calls" if body.calls_tools else "a structured 'response_format'")
+        access(request).constrained = constraint.kind if not body.calls_tools else "tools"
     messages = [m.for_template() for m in body.messages]
     prompt = await target.render_chat(
         messages, add_generation_prompt=body.generation_prompt, continue_final_message=bool(body.continue_final_message),
         add_special_tokens=bool(body.add_special_tokens), documents=body.documents,
-        template_kwargs=body.chat_template_kwargs)
+        template_kwargs=body.chat_template_kwargs, tool_list=tool_list)
     max_tokens, param = body.requested_max_tokens()
     top = (body.top_logprobs or 0) if body.logprobs else None
     gen = pipeline.Generation(
-        route=ROUTE, prompts=[prompt], spec=body.sampling(top, body.prompt_logprobs), n=body.n or 1,
+        route=ROUTE, prompts=[prompt], spec=body.sampling(top, body.prompt_logprobs, constraint), n=body.n or 1,
         max_tokens=max_tokens, max_tokens_param=param, truncate_prompt_tokens=body.truncate_prompt_tokens,
         truncation_side=body.truncation_side or "left", prompt_param="messages", logprobs_param="top_logprobs",
         log_prompt=lambda: json.dumps(messages), metadata=body.metadata, safety_identifier=body.safety_identifier)
@@ -60,27 +79,35 @@ async def create(request: Request) -> Response:
     run = await pipeline.start(request, target, gen, rid)
     head = envelope.head(target, rid)
     if body.stream:
-        return sse.stream(_chunks(target, body, head, run), on_close=run.close)
-    return await run.finish(request, lambda: _whole(target, body, head, run))
+        return sse.stream(_chunks(request, target, body, head, run), on_close=run.close)
+    return await run.finish(request, lambda: _whole(request, target, body, head, run))
 
 
-async def _whole(target: pipeline.Target, body: ChatCompletionRequest, head: dict[str, Any],
+async def _whole(request: Request, target: pipeline.Target, body: ChatCompletionRequest, head: dict[str, Any],
                  run: pipeline.Run) -> Response:
     echo = body.echoed()
     texts = [echo] * len(run.jobs)
     async for job, event in run.events():
         texts[job.index] += event.text
     tok, as_ids = target.tokenizer, bool(body.return_tokens_as_token_ids)
-    choices = [
-        ChatChoice(
-            index=job.index,
-            message=AssistantMessage(content=texts[job.index]),
+    choices = []
+    for job in run.jobs:
+        message = AssistantMessage(content=texts[job.index])
+        finish: ChatFinishReason = job.finish_reason or "stop"
+        if body.calls_tools:
+            parser = tools.Parser(target.tool_format)
+            parser.feed(texts[job.index])
+            parser.end()
+            calls = parser.complete_calls
+            if calls:
+                message = AssistantMessage(content=parser.content.strip() or None, tool_calls=[
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
+                finish = "tool_calls" if finish == "stop" else finish
+                access(request).tool_calls = (access(request).tool_calls or 0) + len(calls)
+        choices.append(ChatChoice(
+            index=job.index, message=message,
             logprobs=_logprobs(tok, job.logprobs, as_ids) if body.logprobs else None,
-            finish_reason=job.finish_reason or "stop",
-            token_ids=job.token_ids if body.return_token_ids else None,
-        )
-        for job in run.jobs
-    ]
+            finish_reason=finish, token_ids=job.token_ids if body.return_token_ids else None))
     first = run.jobs[0]
     result = ChatCompletion(
         **head, choices=choices, usage=envelope.usage(run.usage()),
@@ -90,7 +117,7 @@ async def _whole(target: pipeline.Target, body: ChatCompletionRequest, head: dic
     return Response(envelope.dump(result), media_type="application/json")
 
 
-async def _chunks(target: pipeline.Target, body: ChatCompletionRequest, head: dict[str, Any],
+async def _chunks(request: Request, target: pipeline.Target, body: ChatCompletionRequest, head: dict[str, Any],
                   run: pipeline.Run) -> AsyncIterator[str]:
     tok, as_ids = target.tokenizer, bool(body.return_tokens_as_token_ids)
     continuous = body.continuous_usage
@@ -107,17 +134,54 @@ async def _chunks(target: pipeline.Target, body: ChatCompletionRequest, head: di
                     prompt_text=first.prompt.text if body.return_prompt_text and job is first else None)
         if echo:
             yield chunk([ChatChunkChoice(index=job.index, delta=Delta(content=echo))], continuous)
+    parsers = {job.index: tools.Parser(target.tool_format) for job in run.jobs} if body.calls_tools else {}
     async for job, event in run.events():
         logprobs = _logprobs(tok, event.logprobs, as_ids) if body.logprobs and event.logprobs else None
         token_ids = list(event.token_ids) if body.return_token_ids else None
-        if event.text or logprobs is not None or token_ids:
-            yield chunk([ChatChunkChoice(index=job.index, delta=Delta(content=event.text), logprobs=logprobs,
-                                         token_ids=token_ids)], continuous)
+        parser = parsers.get(job.index)
+        if parser is None:
+            deltas = [Delta(content=event.text)] if event.text or logprobs is not None or token_ids else []
+        else:  # content as it comes; each call's start, then its arguments as they come
+            got = parser.feed(event.text)
+            if event.finish_reason is not None:
+                rest = parser.end()
+                got.content += rest.content
+            if parser.calls and not got.content.strip():  # the line breaks between calls are not content
+                got.content = ""
+            deltas = _tool_deltas(got)
+            if not deltas and (logprobs is not None or token_ids):
+                deltas = [Delta(content="")]
+        for i, delta in enumerate(deltas):
+            yield chunk([ChatChunkChoice(index=job.index, delta=delta, logprobs=logprobs if i == 0 else None,
+                                         token_ids=token_ids if i == 0 else None)], continuous)
         if event.finish_reason is not None:
-            yield chunk([ChatChunkChoice(index=job.index, delta=Delta(), finish_reason=event.finish_reason)],
-                        continuous)
+            finish: ChatFinishReason = event.finish_reason
+            if parser is not None and parser.complete_calls and finish == "stop":
+                finish = "tool_calls"
+                access(request).tool_calls = (access(request).tool_calls or 0) + len(parser.complete_calls)
+            yield chunk([ChatChunkChoice(index=job.index, delta=Delta(), finish_reason=finish)], continuous)
     if body.include_usage:
         yield chunk([], usage=True)
+
+
+def _tool_deltas(got: tools.Delta) -> list[Delta]:
+    """OpenAI's stream of calls: content; a call's first delta with index, id, type and name
+    (arguments ""); then its arguments in fragments. Clients join calls by index."""
+    out = [Delta(content=got.content)] if got.content else []
+    for call in got.started:
+        out.append(Delta(tool_calls=[ToolCallDelta(index=call.index, id=call.id, type="function",
+                                                   function=FunctionCallDelta(name=call.name, arguments=""))]))
+    for index, fragment in got.arguments:
+        out.append(Delta(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=fragment))]))
+    return out
+
+
+def _for_grammar(tool_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tools as the grammar sees them: arguments are always an object matching `parameters`
+    (xgrammar would leave a non-strict tool's, or one without parameters, unconstrained)."""
+    return [{"type": "function", "function": {"name": t["function"]["name"],
+                                              "parameters": t["function"].get("parameters") or {"type": "object"}}}
+            for t in tool_list]
 
 
 def _logprobs(tok: Tokenizer, items: Sequence[TokenLogprobs], as_ids: bool) -> ChoiceLogprobs:

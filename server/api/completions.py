@@ -13,6 +13,8 @@ from fastapi.responses import Response
 from server import pipeline, sse
 from server.api import envelope
 from server.engines.base import TokenEvent, TokenLogprobs
+from server.errors import InvalidRequest
+from server.gate import access
 from server.protocol.completions import (
     Completion,
     CompletionChoice,
@@ -30,6 +32,13 @@ DEFAULT_MAX_TOKENS = 16
 @router.post(ROUTE, response_model=None)
 async def create(request: Request) -> Response:
     body = await pipeline.parse(request, CompletionRequest)
+    constraint = body.constraint(body.response_format)
+    if constraint is not None:
+        body.check_constrained("structured outputs")
+        if body.echo:  # the echoed prompt is not the grammar's
+            raise InvalidRequest("'echo' cannot be used with structured outputs: the answer alone matches the "
+                                 "grammar.", param="echo")
+        access(request).constrained = constraint.kind
     target = await pipeline.resolve(request, body.model, body.user)
     add_special = body.add_special_tokens is not False
     prompts = [await target.encode(p, add_special) if isinstance(p, str) else target.token_prompt(p)
@@ -37,7 +46,7 @@ async def create(request: Request) -> Response:
     # echo + logprobs: the prompt's own logprobs too, as many alternatives as for the answer
     prompt_lps = body.logprobs if body.echo and body.logprobs is not None else body.prompt_logprobs
     gen = pipeline.Generation(
-        route=ROUTE, prompts=prompts, spec=body.sampling(body.logprobs, prompt_lps), n=body.n or 1,
+        route=ROUTE, prompts=prompts, spec=body.sampling(body.logprobs, prompt_lps, constraint), n=body.n or 1,
         max_tokens=body.max_tokens, default_max_tokens=DEFAULT_MAX_TOKENS,
         truncate_prompt_tokens=body.truncate_prompt_tokens, truncation_side=body.truncation_side or "left",
         log_prompt=lambda: prompts[0].text if len(prompts) == 1 else json.dumps([p.text for p in prompts]),

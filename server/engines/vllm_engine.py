@@ -8,6 +8,7 @@ vLLM's.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from server.config import Settings
-from server.engines.base import EngineInfo, FinishReason, SamplingSpec, TokenEvent, TokenLogprobs
+from server.engines.base import (
+    Constraint,
+    EngineInfo,
+    FinishReason,
+    SamplingSpec,
+    TokenEvent,
+    TokenLogprobs,
+)
 from server.errors import EngineError, InvalidRequest, ServiceUnavailable
 from server.tokenizer import Tokenizer
 
@@ -42,6 +50,7 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 def engine_args(model_path: Path, settings: Settings) -> Any:
     """vLLM's engine arguments from our settings, with CPU defaults that fit a small box."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
@@ -62,6 +71,10 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
         scheduling_policy=settings.scheduling_policy,
         trust_remote_code=settings.trust_remote_code,
         disable_log_stats=True,
+        # the same grammars as the Transformers engine: xgrammar, JSON without free whitespace
+        # (server.structured refuses what xgrammar cannot enforce, so vLLM's fallback to another
+        # backend is never needed)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
     )
     if settings.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
@@ -85,6 +98,17 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
     elif settings.kv_cache_space is not None:
         kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_space * GiB)
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _structured(constraint: Constraint | None) -> Any:
+    """vLLM's form of a constraint (already checked and compiled once by server.structured)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    field = {"json": "json", "regex": "regex", "grammar": "grammar", "structural_tag": "structural_tag"}[constraint.kind]
+    value: Any = json.loads(constraint.value) if constraint.kind == "json" else constraint.value
+    return StructuredOutputsParams(**{field: value})
 
 
 def _top(position: Mapping[int, Any] | None, k: int) -> dict[int, float]:
@@ -150,6 +174,10 @@ class VLLMEngine:
         own tokenizer from the model folder; `tokenizer` is not needed."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # vLLM's V2 model runner kills the engine on any structured-output request on CPU (vLLM
+        # issue #51283): the V1 runner applies grammar masks correctly. Read when the engine
+        # core starts, so it is set here, before it does.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
         # frame alive, and shutdown() must be able to drop the last reference (see there).
         stats = _SchedulerStats()
@@ -201,6 +229,7 @@ class VLLMEngine:
             logit_bias={tid: min(100.0, max(-100.0, bias)) for tid, bias in spec.logit_bias} or None,
             bad_words=list(spec.bad_words) or None,
             allowed_token_ids=list(spec.allowed_token_ids) if spec.allowed_token_ids is not None else None,
+            structured_outputs=_structured(spec.constraint),
         )
 
     async def generate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -11,7 +12,6 @@ from server.errors import InvalidRequest, UnsupportedParameter
 from server.protocol.common import (
     MAX_TOP_LOGPROBS,
     NO_MULTIMODAL,
-    NOT_YET,
     VLLM_FLAG,
     PromptLogprobs,
     ResponseFormat,
@@ -33,12 +33,64 @@ REFUSED_PARTS = {
     **{t: NO_MULTIMODAL for t in ("image_url", "input_audio", "file", "input_image", "audio_url", "video_url",
                                   "image_embeds", "audio_embeds", "video_embeds")},
     "prompt_embeds": f"Prompt embeddings: {VLLM_FLAG} (--enable-prompt-embeds).",
-    "tool_reference": NOT_YET,
+    "tool_reference": "Tool search (deferred tools) is not supported: give the tools in 'tools'.",
     "thinking": "A thinking part is a reasoning model's earlier thinking; vLLM would read it as plain text of "
                 "the message, putting the thinking into the conversation as if said. Send it as the message's "
                 "'reasoning' instead, which the chat template places where the model expects it.",
 }
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+FUNCTIONS = ("The legacy 'functions' / 'function_call' fields (deprecated by OpenAI) are not served: send the "
+             "same function in 'tools' ({'type': 'function', 'function': {...}}) and choose it with 'tool_choice'.")
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionCallIn(_Request):
+    PARAM_PREFIX = "messages.tool_calls.function."
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Request):
+    """An earlier assistant turn's tool call, as the client sends it back."""
+
+    PARAM_PREFIX = "messages.tool_calls."
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class FunctionDefinition(_Request):
+    PARAM_PREFIX = "tools.function."
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema; none: any arguments object
+    strict: bool | None = None  # the arguments are always enforced: true and false are both met
+
+
+class Tool(_Request):
+    PARAM_PREFIX = "tools."
+    type: str
+    function: FunctionDefinition | None = None
+
+    @model_validator(mode="after")
+    def _function_only(self) -> Tool:
+        if self.type != "function":
+            raise UnsupportedParameter(f"tools.type.{self.type[:40]}", "Only function tools are supported "
+                                       "(custom and built-in tools are not).")
+        if self.function is None:
+            raise InvalidRequest("Missing required parameter: 'tools.function'.", param="tools.function")
+        return self
+
+
+class FunctionName(_Request):
+    PARAM_PREFIX = "tool_choice.function."
+    name: str
+
+
+class NamedToolChoice(_Request):
+    PARAM_PREFIX = "tool_choice."
+    type: Literal["function"]
+    function: FunctionName
 
 
 class PromptCacheBreakpoint(_Request):
@@ -83,19 +135,19 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     # passed through to the chat template, which may use them
     name: str | None = None
     reasoning: str | None = None  # vLLM: an earlier turn's reasoning (reasoning_content: its old name)
     task: str | None = None  # vLLM: a model-specific task marker (DeepSeek V4)
     refusal: str | None = None  # an assistant's earlier refusal: its text when it has no content
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
     PARAM_PREFIX = "messages."
     REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
-        "tool_calls": ((None, []), NOT_YET),
-        "function_call": ((None,), NOT_YET),
-        "tool_call_id": ((None,), f"It belongs to tool messages. {NOT_YET}"),
-        "tools": ((None, []), NOT_YET),
+        "function_call": ((None,), FUNCTIONS),
+        "tools": ((None, []), "Tools are given in the request's 'tools', not in a message."),
         "audio": ((None,), NO_MULTIMODAL),
         **{name: ((None,), HARMONY) for name in ("author", "channel", "recipient", "content_type")},
     }
@@ -106,12 +158,12 @@ class ChatMessage(_Request):
         if not isinstance(data, dict):
             return data
         role = data.get("role")
-        if role in ("tool", "function"):
-            raise UnsupportedParameter(f"messages.role.{role}", f"{role.capitalize()} messages "
-                                       f"need tool support. {NOT_YET}")
+        if role == "function":
+            raise UnsupportedParameter("messages.role.function", "Function messages are the deprecated form of "
+                                       "tool messages: send {'role': 'tool', 'tool_call_id': ..., 'content': ...}.")
         if isinstance(role, str) and role not in CHAT_ROLES:
-            raise UnsupportedParameter(f"messages.role.{role[:40]}", "Only system, developer, user and "
-                                       "assistant messages are served (vLLM passes other roles to the chat "
+            raise UnsupportedParameter(f"messages.role.{role[:40]}", "Only system, developer, user, assistant "
+                                       "and tool messages are served (vLLM passes other roles to the chat "
                                        "template, which then renders a turn the model was not trained on).")
         content = data.get("content")
         if isinstance(content, list) and any(isinstance(part, str) for part in content):
@@ -130,6 +182,11 @@ class ChatMessage(_Request):
         # only an assistant turn may come without content (OpenAI: when it made tool calls)
         if self.content is None and self.role != "assistant":
             raise InvalidRequest(f"Missing required parameter: 'content' of a {self.role} message.", param="messages.content")
+        if self.tool_calls and self.role != "assistant":
+            raise InvalidRequest("Only assistant messages carry 'tool_calls'.", param="messages.tool_calls")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise InvalidRequest("A tool message needs 'tool_call_id' (the call it answers), and only tool "
+                                 "messages take it.", param="messages.tool_call_id")
         return self
 
     def text(self) -> str:
@@ -148,7 +205,20 @@ class ChatMessage(_Request):
             msg["reasoning"] = msg["reasoning_content"] = self.reasoning
         if self.task is not None:
             msg["task"] = self.task
+        if self.tool_calls:  # templates read the arguments as an object (vLLM parses them the same way)
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _loads(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
+
+
+def _loads(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -156,7 +226,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None  # only {"type": "text"} so far
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's chat extras
     echo: bool | None = None
     add_generation_prompt: bool | None = None
@@ -166,7 +239,6 @@ class ChatCompletionRequest(SamplingFields):
     return_prompt_text: bool | None = None
     # hints
     store: bool | None = None  # chat completions are never stored here
-    parallel_tool_calls: bool | None = None  # without tools it changes nothing
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     include_reasoning: bool | None = None
@@ -174,10 +246,8 @@ class ChatCompletionRequest(SamplingFields):
 
     REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         **refused_common(),
-        "tools": ((None, []), NOT_YET),
-        "tool_choice": ((None, "none"), NOT_YET),
-        "functions": ((None, []), NOT_YET + " (and 'functions' is deprecated: use 'tools')"),
-        "function_call": ((None, "none"), NOT_YET + " (and 'function_call' is deprecated: use 'tool_choice')"),
+        "functions": ((None, []), FUNCTIONS),
+        "function_call": ((None,), FUNCTIONS),
         "audio": ((None,), NO_MULTIMODAL),
         "prediction": ((None,), "Predicted outputs (speculative decoding from a given text) are not supported."),
         "web_search_options": ((None,), "This server has no web search."),
@@ -210,10 +280,28 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest("'continue_final_message' and 'add_generation_prompt' cannot both be true: "
                                  "set 'add_generation_prompt' to false to continue the final message.",
                                  param="continue_final_message")
+        names = [t.function.name for t in self.tools or [] if t.function is not None]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("Invalid value for 'tools': function names must be unique.", param="tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequest(f"Invalid value for 'tool_choice': no tool is named "
+                                 f"{self.tool_choice.function.name[:64]!r}.", param="tool_choice")
+        if self.tool_choice == "required" and not names:
+            raise InvalidRequest("Invalid value for 'tool_choice': 'required' needs 'tools'.", param="tool_choice")
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise InvalidRequest("'continue_final_message' needs the last message to be an assistant message "
                                  "to continue.", param="continue_final_message")
         return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may hold tool calls (tools given, and tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_choice_for_grammar(self) -> str | dict[str, Any]:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return {"type": "function", "function": {"name": self.tool_choice.function.name}}
+        return self.tool_choice or "auto"
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is not None:
@@ -238,6 +326,9 @@ class ChatCompletionRequest(SamplingFields):
 
 # --------------------------------------------------------------------------- responses
 
+# an engine's reasons, and the chat API's own: the answer is tool calls
+ChatFinishReason = FinishReason | Literal["tool_calls"]
+
 
 class TopLogprob(Wire):
     token: str
@@ -259,11 +350,23 @@ class ChoiceLogprobs(Wire):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Wire):
     KEEP_NULL = frozenset({"content", "refusal"})
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Wire):
@@ -271,7 +374,7 @@ class ChatChoice(Wire):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
     token_ids: list[int] | None = None  # vLLM's return_token_ids
 
 
@@ -288,9 +391,24 @@ class ChatCompletion(Wire):
     prompt_text: str | None = None
 
 
+class FunctionCallDelta(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Wire):
+    """One call's piece of a chunk: its first carries id, type and name; later ones arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(Wire):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Wire):
@@ -298,7 +416,7 @@ class ChatChunkChoice(Wire):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     token_ids: list[int] | None = None
 
 

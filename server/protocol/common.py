@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from server.engines.base import SamplingSpec
+from server import structured
+from server.engines.base import Constraint, SamplingSpec
 from server.errors import InvalidRequest, UnsupportedParameter
 
 # OpenAI's documented bounds
@@ -50,7 +52,6 @@ class _Request(BaseModel):
 MAX_CACHE_SALT, CACHE_SALT_FORBIDDEN = 128, frozenset("@/\\\0")
 
 NO_MULTIMODAL = "This server serves text models: images, audio, video and files are not supported."
-NOT_YET = "Tools and structured outputs are not supported yet."
 VLLM_FLAG = "vLLM allows it only when its server is started with a flag that this server does not offer"
 
 
@@ -59,7 +60,6 @@ def refused_common() -> dict[str, tuple[tuple[Any, ...], str]]:
     return {
         "use_beam_search": ((None, False), "Beam search is not supported; use n for several samples."),
         "length_penalty": ((None, 1, 1.0), "It applies only to beam search, which is not supported."),
-        "structured_outputs": ((None,), NOT_YET),
         "watermarking": ((None, False), "Watermarking is not supported."),
         "repetition_detection": ((None,), "Repetition detection is not supported: it ends an answer with "
                                  "finish_reason 'repetition', which is not one of OpenAI's."),
@@ -75,22 +75,97 @@ def refused_common() -> dict[str, tuple[tuple[Any, ...], str]]:
     }
 
 
-class ResponseFormat(_Request):
-    """Only {"type": "text"} so far: JSON mode, JSON schemas and vLLM's structural tags are refused
-    by their type (the fields each of those takes are not checked first)."""
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the schema the answer must match (always enforced, whatever
+    `strict` says: a non-strict schema is met too)."""
 
-    type: str
-    model_config = ConfigDict(extra="allow")
+    PARAM_PREFIX = "response_format.json_schema."
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `text`, `json_object` and `json_schema`, and vLLM's `structural_tag`."""
+
+    PARAM_PREFIX = "response_format."
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+    # vLLM's structural tag: the xgrammar format tree, or the older structures + triggers
+    format: dict[str, Any] | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> ResponseFormat:
-        if self.type != "text":
-            raise UnsupportedParameter(
-                "response_format", f"Only {{'type': 'text'}} is supported, not {self.type[:40]!r}. {NOT_YET}")
-        if self.model_extra:
-            raise UnsupportedParameter(f"response_format.{next(iter(self.model_extra))}",
-                                       "A text response_format takes 'type' only.")
+    def _fields_of_type(self) -> ResponseFormat:
+        takes = {"json_schema": {"json_schema"}, "structural_tag": {"format", "structures", "triggers"}}.get(self.type, set())
+        for name in ("json_schema", "format", "structures", "triggers"):
+            if getattr(self, name) is not None and name not in takes:
+                raise InvalidRequest(f"Invalid value for 'response_format.{name}': not taken by type {self.type!r}.",
+                                     param=f"response_format.{name}")
+        if self.type == "json_schema" and self.json_schema is None:
+            raise InvalidRequest("Missing required parameter: 'response_format.json_schema'.",
+                                 param="response_format.json_schema")
         return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return structured.json_object()
+        if self.type == "json_schema" and self.json_schema is not None:
+            schema = self.json_schema.schema_
+            return structured.json_schema(True if schema is None else schema, "response_format.json_schema.schema")
+        if self.type == "structural_tag":
+            tag = ({"type": "structural_tag", "format": self.format} if self.format is not None
+                   else {"structures": self.structures or [], "triggers": self.triggers or []})
+            return structured.structural_tag(tag, "response_format")
+        return None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object,
+    structural_tag."""
+
+    PARAM_PREFIX = "structured_outputs."
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(max_length=4096)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    # hints: JSON here is always compact and never has properties its schema does not list,
+    # which meets either value of both
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
+        "whitespace_pattern": ((None,), "JSON is generated without free whitespace here; a whitespace "
+                                        "pattern cannot be applied."),
+    }
+
+    def constraint(self) -> Constraint:
+        p = "structured_outputs"
+        given = [k for k in ("json_", "regex", "choice", "grammar", "structural_tag") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequest(f"Invalid value for '{p}': give exactly one of json, regex, choice, grammar, "
+                                 f"json_object, structural_tag (got {len(given)}).", param=p)
+        if self.json_ is not None:
+            schema = self.json_
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise InvalidRequest(f"Invalid value for '{p}.json': not JSON ({e.msg}).", param=f"{p}.json") from None
+            return structured.json_schema(schema, f"{p}.json")
+        if self.regex is not None:
+            return structured.regex(self.regex, f"{p}.regex")
+        if self.choice is not None:
+            return structured.choice(self.choice, f"{p}.choice")
+        if self.grammar is not None:
+            return structured.grammar(self.grammar, f"{p}.grammar")
+        if self.structural_tag is not None:
+            return structured.structural_tag(self.structural_tag, f"{p}.structural_tag")
+        return structured.json_object()
 
 
 class StreamOptions(_Request):
@@ -138,6 +213,7 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     truncation_side: Literal["left", "right"] | None = None
     return_token_ids: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
     return_tokens_as_token_ids: bool | None = None
     add_special_tokens: bool | None = None
     priority: Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)] | None = None
@@ -187,6 +263,22 @@ class SamplingFields(_Request):
             raise InvalidRequest("Invalid value for 'bad_words': words must not be empty.", param="bad_words")
         return self
 
+    def constraint(self, response_format: ResponseFormat | None) -> Constraint | None:
+        """The grammar the answer must match, from `response_format` or `structured_outputs`."""
+        from_format = response_format.constraint() if response_format is not None else None
+        if from_format is not None and self.structured_outputs is not None:
+            raise InvalidRequest("Give 'response_format' or 'structured_outputs', not both.", param="structured_outputs")
+        return from_format or (self.structured_outputs.constraint() if self.structured_outputs else None)
+
+    def check_constrained(self, why: str) -> None:
+        """A structured answer ends where its grammar ends: what would end it elsewhere (and so
+        leave it invalid) or keep it going past its end is refused."""
+        for name, value in (("stop", self.stop_list()), ("stop_token_ids", self.stop_token_ids),
+                            ("min_tokens", self.min_tokens), ("ignore_eos", self.ignore_eos)):
+            if value:
+                raise InvalidRequest(f"'{name}' cannot be used with {why}: the answer ends where its grammar "
+                                     "ends, so that it always parses and validates.", param=name)
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -201,7 +293,8 @@ class SamplingFields(_Request):
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def sampling(self, logprobs: int | None, prompt_logprobs: int | None) -> SamplingSpec:
+    def sampling(self, logprobs: int | None, prompt_logprobs: int | None,
+                 constraint: Constraint | None = None) -> SamplingSpec:
         """The engine's spec; max_tokens is settled by the pipeline (0 until then)."""
         return SamplingSpec(
             max_tokens=0,
@@ -227,6 +320,7 @@ class SamplingFields(_Request):
             allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
             priority=self.priority or 0,
             cache_salt=self.cache_salt,
+            constraint=constraint,
         )
 
 

@@ -26,7 +26,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
-    response_format: ResponseFormat | None = None  # vLLM's; only {"type": "text"} so far
+    response_format: ResponseFormat | None = None  # vLLM's: the same formats as chat
 
     REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         **refused_common(),

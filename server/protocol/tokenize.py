@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from server.errors import InvalidRequest
 from server.protocol.chat import ChatMessage
-from server.protocol.common import INT32_MAX, NO_MULTIMODAL, NOT_YET, VLLM_FLAG, Wire, _Request
+from server.protocol.common import INT32_MAX, NO_MULTIMODAL, VLLM_FLAG, Wire, _Request
 
 
 class TokenizeRequest(_Request):
@@ -26,7 +26,8 @@ class TokenizeRequest(_Request):
 
     REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         "chat_template": ((None,), f"A request's own chat template: {VLLM_FLAG}."),
-        "tools": ((None, []), NOT_YET),
+        "tools": ((None, []), "Tokenizing a conversation with tools is not supported; send the request to "
+                              "/v1/chat/completions with 'return_prompt_text' to see the rendered prompt."),
         "media_io_kwargs": ((None,), NO_MULTIMODAL),
         "mm_processor_kwargs": ((None,), NO_MULTIMODAL),
     }
