@@ -17,16 +17,11 @@ import torch
 
 from server import engines
 from server.engines.base import SamplingSpec
-from server.engines.hf_engine import (
-    _bad_words_ids,
-    _banned,
-    _Core,
-    _filtered_probs,
-    _KVCache,
-    _Output,
-    _Seq,
-    _Text,
-)
+from server.engines.hf.cache import KVCache
+from server.engines.hf.sampler import bad_words_ids, banned, filtered_probs
+from server.engines.hf.scheduler import Core
+from server.engines.hf.sequence import Output, Seq
+from server.engines.hf.text import Text
 from server.errors import InvalidRequest
 from tests.conftest import MODEL
 from tests.server_process import ServerProcess
@@ -48,9 +43,9 @@ class _Pieces:
 
 def _run(pieces: list[bytes], stop: tuple[str, ...], ids: list[int] | None = None, *, ends: bool = False,
          spaced: frozenset[int] = frozenset(), **spec: Any) -> tuple[list[str], bool]:
-    """Feed ids (default: every piece in order) through `_Text`; `ends`: the last id ended the
+    """Feed ids (default: every piece in order) through `Text`; `ends`: the last id ended the
     answer as a stop token does."""
-    text = _Text(_Pieces(pieces), SamplingSpec(max_tokens=16, stop=stop, **spec), frozenset({99}), spaced)  # type: ignore[arg-type]
+    text = Text(_Pieces(pieces), SamplingSpec(max_tokens=16, stop=stop, **spec), frozenset({99}), spaced)  # type: ignore[arg-type]
     out: list[str] = []
     ids = ids if ids is not None else list(range(len(pieces)))
     for i, tid in enumerate(ids):
@@ -97,7 +92,7 @@ def test_the_stop_string_that_ends_first_wins() -> None:
 
 def test_a_stop_string_must_end_in_text_that_is_checked() -> None:
     # vLLM checks stop strings only in text after min_tokens: one that ended before is not found later
-    text = _Text(_Pieces([b"ab", b"c"]), SamplingSpec(max_tokens=4, stop=("ab",)), frozenset({99}))  # type: ignore[arg-type]
+    text = Text(_Pieces([b"ab", b"c"]), SamplingSpec(max_tokens=4, stop=("ab",)), frozenset({99}))  # type: ignore[arg-type]
     assert text.feed(0, check_stop=False) == ("a", False)
     assert text.feed(1, check_stop=True) == ("b", False)
     assert text.flush() == "c"
@@ -122,7 +117,7 @@ def test_the_token_that_ended_the_answer_is_text_only_with_include_stop_str_in_o
 
 def test_slow_tokenizers_set_added_tokens_apart_with_spaces() -> None:
     # vLLM's slow detokenizer joins added tokens and the text around them with spaces, unless
-    # spaces_between_special_tokens is off; fast tokenizers have no such set (see _special_ids)
+    # spaces_between_special_tokens is off; fast tokenizers have no such set (see text.special_ids)
     ids = [0, 99, 99, 0]
     out, _ = _run([b"Hi"], (), ids=ids, spaced=frozenset({99}), skip_special_tokens=False)
     assert "".join(out) == "Hi <|im_end|> <|im_end|> Hi"
@@ -135,7 +130,7 @@ def test_sampling_filters_break_ties_like_argmax() -> None:
     scores = torch.tensor([[0.0, 2.0, 2.0, 1.0], [0.0, 2.0, 2.0, 1.0], [3.0, 2.9, -5.0, -5.0]])
     specs = [SamplingSpec(max_tokens=1, top_k=1), SamplingSpec(max_tokens=1, top_p=1e-6),
              SamplingSpec(max_tokens=1, min_p=0.5)]
-    probs = _filtered_probs(torch, scores.clone(), specs)
+    probs = filtered_probs(torch, scores.clone(), specs)
     # a tie for the top: exactly one token survives, the lower id, as argmax would pick
     assert probs[0].nonzero().flatten().tolist() == [1]
     assert probs[1].nonzero().flatten().tolist() == [1]
@@ -158,24 +153,24 @@ def _encode(text: str) -> list[int]:
 
 
 def test_bad_words_become_token_sequences_with_and_without_a_leading_space() -> None:
-    assert _bad_words_ids(_encode, ("hello", " big cat"), 1000) == ((10,), (110,), (12, 113), (112, 113))
+    assert bad_words_ids(_encode, ("hello", " big cat"), 1000) == ((10,), (110,), (12, 113), (112, 113))
     with pytest.raises(InvalidRequest) as e:
-        _bad_words_ids(_encode, ("",), 1000)
+        bad_words_ids(_encode, ("",), 1000)
     assert e.value.param == "bad_words"
     with pytest.raises(InvalidRequest):
-        _bad_words_ids(_encode, ("hello",), 50)  # a token beyond the vocabulary
+        bad_words_ids(_encode, ("hello",), 50)  # a token beyond the vocabulary
 
 
 def test_a_bad_words_last_token_is_banned_only_after_its_other_tokens() -> None:
     words = ((10,), (12, 13), (5, 6, 7))
-    assert _banned(words, []) == [10]  # one-token words always; longer ones need their prefix
-    assert _banned(words, [1, 12]) == [10, 13]
-    assert _banned(words, [5, 6]) == [10, 7]
-    assert _banned(words, [6]) == [10]
+    assert banned(words, []) == [10]  # one-token words always; longer ones need their prefix
+    assert banned(words, [1, 12]) == [10, 13]
+    assert banned(words, [5, 6]) == [10, 7]
+    assert banned(words, [6]) == [10]
 
 
 class _Model:
-    """What `_Core` reads from a model when it is built; sampling never runs it."""
+    """What `Core` reads from a model when it is built; sampling never runs it."""
 
     config = None
 
@@ -189,16 +184,16 @@ class _Model:
 EOS = 9
 
 
-def _core() -> _Core:
-    cache = _KVCache(torch, 1, 1, 1, torch.float32, "cpu", 64)
-    return _Core(_Model(), cache, torch, max_seqs=8, budget_tokens=1024, prefill_tokens=1024, max_model_len=64,
+def _core() -> Core:
+    cache = KVCache(torch, 1, 1, 1, torch.float32, "cpu", 64)
+    return Core(_Model(), cache, torch, max_seqs=8, budget_tokens=1024, prefill_tokens=1024, max_model_len=64,
                  eos_ids=frozenset({EOS}), vocab=16, seed=0)
 
 
 def _seq(spec: SamplingSpec, output: list[int] | None = None, bad_words: tuple[tuple[int, ...], ...] = (),
-         got: list[_Output | BaseException] | None = None) -> _Seq:
+         got: list[Output | BaseException] | None = None) -> Seq:
     sink = got if got is not None else []
-    seq = _Seq("r", [1, 2], spec, sink.append, None, 64, bad_words)
+    seq = Seq("r", [1, 2], spec, sink.append, None, 64, bad_words)
     seq.output = list(output or [])
     return seq
 
@@ -221,15 +216,15 @@ def test_masks_apply_per_row_to_greedy_and_sampled_rows(temperature: float) -> N
     logits[:, 7] = 6.0
     logits[:, EOS] = 8.0
     logits[:, 3] = 7.0
-    chosen, _ = core._sample([free, allowed, bad, early], logits.clone())
+    chosen, _ = core.sampler.sample([free, allowed, bad, early], logits.clone())
     # bad: EOS follows 6 and 3 is one token, both banned; early: EOS and its stop token wait for min_tokens
     assert chosen == [EOS, 4, 7, 7]
     bad.output = [5]
-    assert core._sample([bad], logits[:1].clone())[0] == [EOS]  # EOS is banned only after a 6
+    assert core.sampler.sample([bad], logits[:1].clone())[0] == [EOS]  # EOS is banned only after a 6
     early.spec = SamplingSpec(max_tokens=8, temperature=temperature, top_k=1, min_tokens=2, ignore_eos=True)
-    assert core._sample([early], logits[:1].clone())[0] == [3]  # ignore_eos: EOS still waits for min_tokens
+    assert core.sampler.sample([early], logits[:1].clone())[0] == [3]  # ignore_eos: EOS still waits for min_tokens
     early.output = [1, 1]
-    assert core._sample([early], logits[:1].clone())[0] == [EOS]
+    assert core.sampler.sample([early], logits[:1].clone())[0] == [EOS]
 
 
 def test_logit_bias_moves_the_pick_but_not_the_logprobs() -> None:
@@ -237,7 +232,7 @@ def test_logit_bias_moves_the_pick_but_not_the_logprobs() -> None:
     plain = _seq(SamplingSpec(max_tokens=8, temperature=0, logprobs=1))
     biased = _seq(SamplingSpec(max_tokens=8, temperature=0, logprobs=1, logit_bias=((3, 2.0), (5, -1000.0))))
     logits = _logits(5, rows=2)
-    chosen, lps = core._sample([plain, biased], logits.clone())
+    chosen, lps = core.sampler.sample([plain, biased], logits.clone())
     assert chosen == [5, 3]
     raw = torch.log_softmax(logits[0], dim=-1)
     # logprobs are of the raw distribution (vLLM's raw_logprobs): the bias is not in them
@@ -247,19 +242,19 @@ def test_logit_bias_moves_the_pick_but_not_the_logprobs() -> None:
 
 def test_stop_tokens_end_the_answer_and_ignore_eos_does_not() -> None:
     core = _core()
-    got: list[_Output | BaseException] = []
+    got: list[Output | BaseException] = []
     stop = _seq(SamplingSpec(max_tokens=8, temperature=0, stop_token_ids=(5,)), got=got)
     core._emit([stop], _logits(5))
-    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "stop" and stop.done
+    assert isinstance(got[-1], Output) and got[-1].finish_reason == "stop" and stop.done
     keep = _seq(SamplingSpec(max_tokens=8, temperature=0, ignore_eos=True), got=got)
     core._emit([keep], _logits(EOS))
-    assert isinstance(got[-1], _Output) and got[-1].finish_reason is None and not keep.done
+    assert isinstance(got[-1], Output) and got[-1].finish_reason is None and not keep.done
     last = _seq(SamplingSpec(max_tokens=1, temperature=0, ignore_eos=True), got=got)
     core._emit([last], _logits(EOS))
-    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "length"
+    assert isinstance(got[-1], Output) and got[-1].finish_reason == "length"
     eos = _seq(SamplingSpec(max_tokens=1, temperature=0), got=got)
     core._emit([eos], _logits(EOS))
-    assert isinstance(got[-1], _Output) and got[-1].finish_reason == "stop"  # a stop token beats the length
+    assert isinstance(got[-1], Output) and got[-1].finish_reason == "stop"  # a stop token beats the length
 
 
 def test_waiting_requests_are_admitted_by_priority_then_arrival() -> None:

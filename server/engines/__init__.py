@@ -32,6 +32,6 @@ def engine_class(requested: str) -> tuple[type[Engine], str]:
         from server.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine, why
-    from server.engines.hf_engine import HFEngine
+    from server.engines.hf import HFEngine
 
     return HFEngine, why
