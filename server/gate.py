@@ -142,4 +142,9 @@ class Gate:
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                 ttft_ms=record.ttft_ms, finish_reason=record.finish_reason, prompt=record.prompt,
                 answer=record.answer, metadata=record.metadata, safety_identifier=record.safety_identifier,
+                constrained=record.constrained, tool_calls=record.tool_calls,
             ))
+        if record.constrained is not None and 200 <= status < 300:
+            state.metrics.constrained.labels(route, record.model, record.constrained).inc()
+        if record.tool_calls:
+            state.metrics.tool_calls.labels(record.model).inc(record.tool_calls)

@@ -31,6 +31,10 @@ class Metrics:
                              ["route", "model"], buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("llm_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.constrained = Counter("llm_constrained_requests", "Answered requests whose answers had to match a "
+                                   "grammar, by route, model and kind (json, regex, grammar, structural_tag, tools)",
+                                   ["route", "model", "kind"], registry=r)
+        self.tool_calls = Counter("llm_tool_calls", "Tool calls in answers", ["model"], registry=r)
         self.running = Gauge("llm_requests_running", "Generation requests being served", ["model"], registry=r)
         self.waiting = Gauge("llm_requests_waiting", "Generation requests queued for a slot", ["model"], registry=r)
         self.kv_cache = Gauge("llm_kv_cache_usage_ratio", "Fraction of the KV cache budget in use "

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BATCH = 500
 FLUSH_SECONDS = 10.0
 
@@ -53,6 +53,10 @@ requests_table = sa.Table(
     # hints a client sent that an operator wants to see: its `metadata` (JSON) and end-user id
     sa.Column("metadata", sa.Text, nullable=True),
     sa.Column("safety_identifier", sa.String(256), nullable=True),
+    # structured outputs: what the answer had to match (json, regex, grammar, structural_tag,
+    # tools), and the tool calls the answers made
+    sa.Column("constrained", sa.String(32), nullable=True),
+    sa.Column("tool_calls", sa.Integer, nullable=True),
     sa.Index("ix_llm_requests_key_time", "key_name", "time"),
 )
 schema_table = sa.Table(
@@ -86,6 +90,8 @@ class Row:
     answer: str | None = None
     metadata: str | None = None
     safety_identifier: str | None = None
+    constrained: str | None = None
+    tool_calls: int | None = None
 
 
 def engine_for(url: str) -> sa.Engine:

@@ -1,14 +1,14 @@
 """Structured outputs and tool calls through the client libraries people build agents with.
 
 Each test drives a library the way its docs show, against the live session server (both
-engines): langchain-openai's `ChatOpenAI`, pydantic-ai's `Agent` over `OpenAIChatModel`, and the
-`openai` SDK's own `parse` / `stream` helpers. Decoding is grammar-constrained, so even the 135M
+engines): langchain-openai's `ChatOpenAI`, instructor (TOOLS and JSON_SCHEMA modes), pydantic-ai's
+`Agent` over `OpenAIChatModel`, and the `openai` SDK's own `parse` / `stream` helpers. Decoding is grammar-constrained, so even the 135M
 model's JSON and tool arguments must parse and validate against the schema the library sent.
 The schemas bound every string and list, so an answer at temperature 0 ends well inside the
 token budget. No retries anywhere: one request per test, and a bad answer fails it.
 
-instructor is absent: every release caps `jiter<0.15` and `rich<15`, below what openai 3.x and
-this project's other dependencies install.
+instructor is installed with `--no-deps` (the Makefile): every release caps `jiter<0.15` and
+`rich<15`, below what openai 3.x installs, and it runs with the newer ones.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from enum import Enum
 from functools import reduce
 from typing import Annotated, Literal
 
+import instructor
 import openai
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
@@ -211,3 +212,11 @@ def test_sdk_stream_strict_tool(server: ServerProcess) -> None:
     assert calls and len(calls) == 1 and isinstance(calls[0].function.parsed_arguments, GetWeather)
     assert completion.choices[0].finish_reason == "tool_calls"
     assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("mode", [instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA], ids=["tools", "json_schema"])
+def test_instructor_response_model(server: ServerProcess, mode: instructor.Mode) -> None:
+    client = instructor.from_openai(_sdk(server), mode=mode)
+    pet = client.chat.completions.create(model=MODEL, response_model=Pet, max_retries=0, temperature=0,
+                                         max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PET_PROMPT}])
+    assert isinstance(pet, Pet)

@@ -13,7 +13,7 @@ from server import engines
 from server.__main__ import build_parser, parse_serve
 from server.config import ModelSpec, Settings, SettingsError
 from server.engines.base import Engine
-from server.engines.hf_engine import HFEngine
+from server.engines.hf import HFEngine
 from server.engines.vllm_engine import VLLMEngine
 from tests.fake_engine import FakeEngine
 

@@ -52,7 +52,7 @@ async def create(request: Request) -> Response:
     constraint = body.constraint(body.response_format)
     target = await pipeline.resolve(request, body.model, body.user)
     tool_list = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
-                 for t in body.tools or [] if t.function is not None]
+                 for t in body.tools or []]
     if body.calls_tools:
         if constraint is not None:
             raise InvalidRequest("A structured 'response_format' cannot be combined with tool calls: an answer is "

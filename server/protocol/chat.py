@@ -58,6 +58,14 @@ class ToolCallIn(_Request):
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
+    @model_validator(mode="before")
+    @classmethod
+    def _call_function_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "function") != "function":
+            kind = str(data.get("type"))[:40]
+            raise UnsupportedParameter(f"messages.tool_calls.{kind}", "Only function tool calls are supported.")
+        return data
+
 
 class FunctionDefinition(_Request):
     PARAM_PREFIX = "tools.function."
@@ -69,17 +77,16 @@ class FunctionDefinition(_Request):
 
 class Tool(_Request):
     PARAM_PREFIX = "tools."
-    type: str
-    function: FunctionDefinition | None = None
+    type: Literal["function"]
+    function: FunctionDefinition
 
-    @model_validator(mode="after")
-    def _function_only(self) -> Tool:
-        if self.type != "function":
-            raise UnsupportedParameter(f"tools.type.{self.type[:40]}", "Only function tools are supported "
+    @model_validator(mode="before")
+    @classmethod
+    def _function_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "function":
+            raise UnsupportedParameter(f"tools.type.{str(data.get('type'))[:40]}", "Only function tools are supported "
                                        "(custom and built-in tools are not).")
-        if self.function is None:
-            raise InvalidRequest("Missing required parameter: 'tools.function'.", param="tools.function")
-        return self
+        return data
 
 
 class FunctionName(_Request):
@@ -258,6 +265,18 @@ class ChatCompletionRequest(SamplingFields):
         "mm_processor_kwargs": ((None,), NO_MULTIMODAL),
     }
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_choice_kind(cls, data: Any) -> Any:
+        choice = data.get("tool_choice") if isinstance(data, dict) else None
+        if isinstance(choice, dict) and choice.get("type") != "function":
+            kind = str(choice.get("type"))[:40]
+            why = {"allowed_tools": "Restricting the tools per request is not supported: send only the allowed tools "
+                                    "in 'tools' (with tool_choice 'auto' or 'required')."}.get(
+                kind, "Only function tools are supported: a named choice is {'type': 'function', 'function': {'name': ...}}.")
+            raise UnsupportedParameter(f"tool_choice.{kind}", why)
+        return data
+
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
@@ -280,7 +299,7 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest("'continue_final_message' and 'add_generation_prompt' cannot both be true: "
                                  "set 'add_generation_prompt' to false to continue the final message.",
                                  param="continue_final_message")
-        names = [t.function.name for t in self.tools or [] if t.function is not None]
+        names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise InvalidRequest("Invalid value for 'tools': function names must be unique.", param="tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
