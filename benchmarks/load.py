@@ -124,11 +124,22 @@ def _pcts(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs) * 1000, "p50": q(0.50), "p90": q(0.90), "p99": q(0.99)}
 
 
+# --constraint: grammars no answer can complete before max_tokens, so constrained answers are
+# exactly as long as free ones held to min_tokens (the throughput of the same work, masked or not)
+ENDLESS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 100000}
+CONSTRAINTS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "json": {"response_format": {"type": "json_schema", "json_schema": {"name": "numbers", "schema": ENDLESS}}},
+    "tools": {"tools": [{"type": "function", "function": {"name": "record", "parameters": {
+        "type": "object", "properties": {"values": ENDLESS}, "required": ["values"]}}}], "tool_choice": "required"},
+}
+
+
 async def one_request(
     client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, prompt: str, seed: int, max_tokens: int
 ) -> Sample:
-    extra: dict[str, Any] = {}
-    if args.min_tokens:
+    extra: dict[str, Any] = dict(CONSTRAINTS[args.constraint])
+    if args.min_tokens and args.constraint == "none":
         extra["min_tokens"] = max_tokens
     start = time.perf_counter()
     last = start
@@ -150,7 +161,11 @@ async def one_request(
             now = time.perf_counter()
             if chunk.choices:
                 c = chunk.choices[0]
-                piece = c.delta.content if args.route == "chat" else c.text
+                if args.route == "chat":
+                    calls = c.delta.tool_calls or []
+                    piece = c.delta.content or "".join(t.function.arguments or "" for t in calls if t.function)
+                else:
+                    piece = c.text
                 if piece:
                     if s.ttft is None:
                         s.ttft = now - start
@@ -278,6 +293,9 @@ def parser() -> argparse.ArgumentParser:
                    help="max_tokens per request: N or a seeded random LOW:HIGH")
     p.add_argument("--tokenizer", default=None, help="the model's HF folder, for prompts exact in tokens")
     p.add_argument("--min-tokens", action="store_true", help="also send min_tokens=output-tokens (vLLM extension)")
+    p.add_argument("--constraint", choices=list(CONSTRAINTS), default="none",
+                   help="json: a json_schema response_format, tools: a required tool call; both grammars "
+                        "cannot end before max_tokens, so answers are as long as free ones with --min-tokens")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600)
