@@ -11,6 +11,7 @@ grammar that ignores them is stricter than the schema, never looser.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,9 +120,13 @@ def structural_tag(tag: Any, param: str) -> Constraint:
 
 
 def is_lark(text: str) -> bool:
-    """vLLM's `grammar_is_likely_lark`: EBNF rules use `::=`, Lark's use `:`."""
+    """vLLM's `grammar_is_likely_lark` (vllm/v1/structured_output/utils.py), so that a grammar
+    means the same here without vLLM: EBNF if any line, comments removed, defines a rule with
+    `::=`; else Lark."""
+    if not text:
+        return False
     for line in text.split("\n"):
-        line = line.split("//", 1)[0].split("#", 1)[0].strip()
+        line = re.sub(r"(#|//).*$", "", line).strip()
         if line and "::=" in line:
             return False
     return True

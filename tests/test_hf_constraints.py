@@ -22,7 +22,7 @@ from server import models
 from server.config import Settings
 from server.engines.base import Constraint, FinishReason, SamplingSpec
 from server.engines.hf import HFEngine
-from server.engines.hf.grammar import grammar_is_likely_lark
+from server.structured import is_lark
 from server.errors import InvalidRequest
 from server.tokenizer import Tokenizer
 
@@ -151,7 +151,7 @@ async def test_constrained_and_free_sequences_share_a_batch(engine: HFEngine) ->
 async def test_choice_grammars_in_ebnf_and_lark(engine: HFEngine) -> None:
     prompt = _prompt(engine, "Is Paris in France? Answer yes or no.")
     grammars = ['root ::= "yes" | "no"', 'start: "yes" | "no"']
-    assert [grammar_is_likely_lark(g) for g in grammars] == [False, True]
+    assert [is_lark(g) for g in grammars] == [False, True]
     specs = [SamplingSpec(max_tokens=MAX_TOKENS, temperature=t, seed=1, constraint=Constraint("grammar", g))
              for g in grammars for t in (0.0, 1.0)]
     answers = await asyncio.gather(*(_answer(engine, prompt, s, f"choice-{i}") for i, s in enumerate(specs)))

@@ -5,11 +5,10 @@ it compiled); one `GrammarMatcher` per sequence, advanced by the model thread.""
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from server.engines.base import Constraint
+from server.structured import is_lark
 
 
 def compiler(hf_tokenizer: Any, vocab_size: int) -> Any:
@@ -22,8 +21,6 @@ def compiler(hf_tokenizer: Any, vocab_size: int) -> Any:
 def compile_constraint(compiler: Any, constraint: Constraint) -> Any:
     """The compiled grammar (`xgr.CompiledGrammar`) for a constraint; blocking (ms for a small
     schema, more for a large one), so callers run it off the event loop."""
-    import xgrammar as xgr
-
     kind, value = constraint.kind, constraint.value
     if kind == "json":
         # no whitespace of the model's choosing: vLLM's disable_any_whitespace
@@ -31,13 +28,8 @@ def compile_constraint(compiler: Any, constraint: Constraint) -> Any:
     if kind == "regex":
         return compiler.compile_regex(value)
     if kind == "grammar":
-        return compiler.compile_lark(value) if grammar_is_likely_lark(value) else compiler.compile_grammar(value)
-    if kind == "structural_tag":
-        tag = json.loads(value)
-        if "structures" in tag:  # the older form vLLM still accepts: begin/schema/end + triggers
-            items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
-                     for s in tag["structures"]]
-            return compiler.compile_structural_tag(items, tag["triggers"])
+        return compiler.compile_lark(value) if is_lark(value) else compiler.compile_grammar(value)
+    if kind == "structural_tag":  # server.structured has turned vLLM's older form into this one
         return compiler.compile_structural_tag(value)
     raise ValueError(f"unknown constraint kind {kind!r}")
 
@@ -49,15 +41,3 @@ def matcher(compiled: Any, stop_token_ids: frozenset[int]) -> Any:
     import xgrammar as xgr
 
     return xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids))
-
-
-def grammar_is_likely_lark(grammar: str) -> bool:
-    """vLLM's heuristic (vllm/v1/structured_output/utils.py), copied so this engine needs no vLLM:
-    a grammar is EBNF if any line, comments removed, defines a rule with `::=`; else Lark."""
-    if not grammar:
-        return False
-    for line in grammar.split("\n"):
-        line = re.sub(r"(#|//).*$", "", line).strip()
-        if line and "::=" in line:
-            return False
-    return True
