@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import xgrammar as xgr
 
@@ -29,6 +29,11 @@ ENFORCED = frozenset({
     "minLength", "maxLength", "pattern", "format",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
 })
+# keywords that hold schemas others refer to
+DEFINITIONS = frozenset({"$defs", "definitions"})
+# keywords xgrammar enforces only in a schema whose `type` says so (without one it drops them)
+STRING_KEYS = frozenset({"minLength", "maxLength", "pattern", "format"})
+NUMBER_KEYS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
 # keywords that narrow nothing: annotations, and OpenAPI's `nullable` / `discriminator` (hints)
 HARMLESS = frozenset({
     "title", "description", "default", "examples", "example", "$schema", "$id", "$comment", "deprecated",
@@ -39,6 +44,9 @@ FORMATS = frozenset({
     "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
     "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
 })
+# how JSON is compiled on both engines: no whitespace of the model's choosing (vLLM's
+# disable_any_whitespace, which its engine is configured with)
+COMPACT_JSON: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":")}
 # vLLM's bound on a schema's nesting (check_json_nesting): deeper is a 400, not a slow compile
 MAX_DEPTH = 64
 # a grammar, regex or schema is text the server compiles: bounded like any other input
@@ -53,7 +61,7 @@ def json_schema(schema: Any, param: str) -> Constraint:
         raise InvalidRequest(f"Invalid value for '{param}': a JSON Schema is an object.", param=param)
     check_schema(schema, param)
     text = json.dumps(schema)
-    _compiles(lambda: xgr.Grammar.from_json_schema(text, any_whitespace=False, separators=(",", ":")), param,
+    _compiles(lambda: xgr.Grammar.from_json_schema(text, **COMPACT_JSON), param,
               "JSON Schema")
     return Constraint("json", text)
 
@@ -149,36 +157,88 @@ def _walk(node: Any, root: dict[str, Any], param: str, path: str, depth: int) ->
                              param=param)
     if depth > MAX_DEPTH:
         raise InvalidRequest(f"Invalid value for '{param}': schemas nest at most {MAX_DEPTH} deep.", param=param)
-    for key, value in node.items():
-        if key in HARMLESS:
-            continue
-        if key not in ENFORCED:
-            raise UnsupportedParameter(
-                f"{param}.{key}"[:200],
-                f"The JSON Schema keyword '{key}' (at {where}) cannot be enforced by the grammar, so an "
-                f"answer could break it. Enforced keywords: {', '.join(sorted(ENFORCED))}.")
-        if key == "format" and value not in FORMATS:
-            raise UnsupportedParameter(f"{param}.format", f"The string format {str(value)[:40]!r} (at {where}) "
-                                       f"is not enforced. Enforced formats: {', '.join(sorted(FORMATS))}.")
-        if key == "uniqueItems" and value:
-            raise UnsupportedParameter(f"{param}.uniqueItems", f"'uniqueItems: true' (at {where}) cannot be "
-                                       "enforced by a grammar.")
-        if key == "allOf" and (not isinstance(value, list) or len(value) != 1):
-            raise UnsupportedParameter(f"{param}.allOf", f"'allOf' (at {where}) is enforced only with one "
-                                       "schema in it (as pydantic writes a described $ref); merge the schemas.")
-        if key == "oneOf":
-            _exclusive(value, root, param, where)
+
+    def refuse(key: str, why: str) -> NoReturn:
+        raise UnsupportedParameter(f"{param}.{key}"[:200], f"{why} (at {where})")
+
+    for key in node:
+        if key not in HARMLESS and key not in ENFORCED:
+            refuse(key, f"The JSON Schema keyword '{key}' cannot be enforced by the grammar, so an answer could "
+                        f"break it. Enforced keywords: {', '.join(sorted(ENFORCED))}")
+    keys = set(node) - HARMLESS - DEFINITIONS
+    # xgrammar builds one rule from each of these and drops whatever else sits beside it
+    for alone in ("$ref", "allOf", "anyOf", "oneOf"):
+        if alone in keys and keys - {alone}:
+            refuse(sorted(keys - {alone})[0], f"'{alone}' is enforced only without other keywords beside it "
+                                              "(they would be dropped); move them into its schemas")
+    ref = node.get("$ref")
+    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
+        refuse("$ref", "Only local references ('#/$defs/...') are enforced")
+    for key in ("enum", "const"):
+        if key in keys:
+            values = node[key] if key == "enum" else [node[key]]
+            if not isinstance(values, list) or not values:
+                refuse(key, f"'{key}' needs at least one value")
+            if keys - {key, "type"}:
+                refuse(sorted(keys - {key, "type"})[0], f"'{key}' is enforced alone (with at most 'type'): other "
+                                                        "keywords beside it would be dropped")
+            if "type" in node and not all(_has_type(v, node["type"]) for v in values):
+                refuse("type", f"every '{key}' value must have the schema's 'type': the grammar generates the "
+                               f"values as given")
+    kinds = node.get("type")
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds) if isinstance(kinds, list) else set()
+    for group, needs in ((STRING_KEYS, {"string"}), (NUMBER_KEYS, {"number", "integer"})):
+        used = sorted(keys & group)
+        if used and not kinds & needs:
+            refuse(used[0], f"'{used[0]}' is enforced only in a schema whose 'type' says {' or '.join(sorted(needs))}")
+    if "multipleOf" in keys and kinds - {"integer", "null"}:
+        refuse("multipleOf", "'multipleOf' is enforced on integers only")
+    if keys & {"pattern", "format"} and keys & {"minLength", "maxLength"}:
+        refuse(sorted(keys & {"minLength", "maxLength"})[0], "A length is not enforced together with 'pattern' "
+               "or 'format' (it would be dropped); put the length in the pattern")
+    fmt = node.get("format")
+    if "format" in node and not (isinstance(fmt, str) and fmt in FORMATS):
+        refuse("format", f"The string format {str(fmt)[:40]!r} is not enforced. Enforced formats: "
+                         f"{', '.join(sorted(FORMATS))}")
+    if node.get("uniqueItems"):
+        refuse("uniqueItems", "'uniqueItems: true' cannot be enforced by a grammar")
+    if "allOf" in node and (not isinstance(node["allOf"], list) or len(node["allOf"]) != 1):
+        refuse("allOf", "'allOf' is enforced only with one schema in it (as pydantic writes a described $ref); "
+                        "merge the schemas")
+    if "oneOf" in node:
+        _exclusive(node["oneOf"], root, param, where)
+    required, props = node.get("required"), node.get("properties")
+    if required is not None:
+        listed = set(props) if isinstance(props, dict) else set()
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            refuse("required", "'required' is a list of property names")
+        if node.get("additionalProperties", False) is False and set(required) - listed:
+            refuse("required", f"required property {sorted(set(required) - listed)[0]!r} is not in 'properties', "
+                               "and no other properties are generated")
     for key, sub in _children(node):
         _walk(sub, root, param, f"{path}/{key}" if path else key, depth + 1)
+
+
+def _has_type(value: Any, kinds: Any) -> bool:
+    """Whether a JSON value has one of the JSON Schema types named."""
+    names = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    checks = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "null": lambda v: v is None, "object": lambda v: isinstance(v, dict),
+              "array": lambda v: isinstance(v, list),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return any(checks.get(str(n), lambda v: False)(value) for n in names)
 
 
 def _children(node: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     for key in ("properties", "patternProperties", "$defs", "definitions"):
         for name, sub in (node.get(key) or {}).items() if isinstance(node.get(key), dict) else ():
             yield f"{key}/{name}", sub
-    for key in ("items", "additionalProperties", "propertyNames", "unevaluatedProperties"):
+    for key in ("items", "additionalProperties", "unevaluatedProperties"):
         if isinstance(node.get(key), dict):
             yield key, node[key]
+    if isinstance(node.get("propertyNames"), dict):  # names are strings: its type goes without saying
+        yield "propertyNames", {"type": "string", **node["propertyNames"]}
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         for i, sub in enumerate(node.get(key) or []) if isinstance(node.get(key), list) else ():
             yield f"{key}/{i}", sub
@@ -194,9 +254,12 @@ def _exclusive(branches: Any, root: dict[str, Any], param: str, where: str) -> N
             branch = _resolve(root, ref)
         if not isinstance(branch, dict):
             return {}
+        props, required = branch.get("properties"), branch.get("required")
+        if not isinstance(props, dict) or not isinstance(required, list):
+            return {}
         values = {}
-        for name, prop in (branch.get("properties") or {}).items():
-            if not isinstance(prop, dict) or name not in (branch.get("required") or []):
+        for name, prop in props.items():
+            if not isinstance(prop, dict) or name not in required:
                 continue
             if "const" in prop:
                 values[name] = json.dumps(prop["const"])
@@ -239,7 +302,7 @@ def _bounded(text: str, param: str) -> None:
         raise InvalidRequest(f"Invalid value for '{param}': over {MAX_SPEC_CHARS // 1024} KiB.", param=param)
 
 
-def _compiles(build: Any, param: str, what: str) -> None:
+def _compiles(build: Callable[[], object], param: str, what: str) -> None:
     """The grammar compiles (without a tokenizer: ms). Its error names what is wrong."""
     try:
         build()

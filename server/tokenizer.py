@@ -42,8 +42,8 @@ class Tokenizer:
         backend = getattr(self.hf, "backend_tokenizer", None)
         decoder = type(backend.decoder).__name__ if backend is not None and backend.decoder else ""
         self._byte_level = decoder == "ByteLevel"
-        self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
         template = getattr(self.hf, "chat_template", None)
+        self.has_chat_template = bool(template)
         # all of a tokenizer's named templates, as text (what tool support is detected from)
         self.chat_template_text = "\n".join(template.values()) if isinstance(template, dict) else str(template or "")
         # the most characters one token stands for (a special token's name included): a text of N

@@ -8,18 +8,21 @@ Formats (chosen from the chat template, or `--tool-call-format`):
 
 The grammar is an xgrammar structural tag: for `auto`, free text until a call's opening, then a
 call to one of the given tools whose arguments match its `parameters`; for `required` and a named
-function, the answer is calls only. So every call the parser sees is complete and valid, and the
-parser only has to find it, not repair it.
+function, the answer is calls only. Every call therefore opens with exactly the text the grammar
+wrote for its tool (`_Syntax.begin`) and closes with `_Syntax.end`, so the parser matches those
+strings exactly: it finds calls, it never repairs them.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import jinja2
+import jinja2.meta
 from xgrammar.builtin_structural_tag import get_model_structural_tag
 
 from server import structured
@@ -33,20 +36,20 @@ MAX_WHITESPACE = 2
 
 @dataclass(frozen=True)
 class _Syntax:
-    trigger: str  # where a call begins
-    header: re.Pattern[str]  # from the trigger to the start of the arguments; group 1: the name
-    footer: re.Pattern[str]  # after the arguments, to the call's end
+    trigger: str  # the text that opens a call in free text (the grammar's trigger)
+    begin: str  # a call's text up to its arguments; {name} is the function's name as JSON
+    end: str  # a call's text after its arguments
     xgrammar_model: str | None  # xgrammar's builtin structural tag for this format (None: ours)
 
+    def opening(self, name: str) -> str:
+        return self.begin.format(name=json.dumps(name))
 
+
+# the begins and ends are xgrammar's (qwen_3, llama); tests/test_tools.py holds them equal
 SYNTAX: dict[str, _Syntax] = {
-    "hermes": _Syntax("<tool_call>", re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*'),
-                      re.compile(r"\s*\}\s*</tool_call>"), "qwen_3"),
-    "llama3_json": _Syntax('{"name"', re.compile(r'\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"parameters"\s*:\s*'),
-                           re.compile(r"\s*\}"), "llama"),
-    "mistral": _Syntax("[TOOL_CALLS]",
-                       re.compile(r'\[TOOL_CALLS\]\s*\[\s*\{\s*"name"\s*:\s*"([^"]*)"\s*,\s*"arguments"\s*:\s*'),
-                       re.compile(r"\s*\}\s*\]"), None),
+    "hermes": _Syntax("<tool_call>", '<tool_call>\n{{"name": {name}, "arguments": ', "}\n</tool_call>", "qwen_3"),
+    "llama3_json": _Syntax('{"name": ', '{{"name": {name}, "parameters": ', "}", "llama"),
+    "mistral": _Syntax("[TOOL_CALLS]", '[TOOL_CALLS][{{"name": {name}, "arguments": ', "}]", None),
 }
 
 
@@ -64,32 +67,44 @@ def detect(template: str | None) -> ToolFormat:
 
 
 def knows_tools(template: str | None) -> bool:
-    """Whether a chat template renders `tools` itself (else the fallback describes them)."""
-    return bool(template) and "tools" in str(template)
+    """Whether a chat template renders `tools` itself (reads the variable), else the fallback
+    describes them."""
+    if not template:
+        return False
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateSyntaxError:  # a template with extensions jinja2 does not parse alone
+        return "tools" in template
 
 
-def grammar(fmt: ToolFormat, tools: list[dict[str, Any]], choice: str | dict[str, Any], parallel: bool) -> Constraint:
+def grammar(fmt: ToolFormat, tools: list[dict[str, Any]], choice: str | dict[str, Any], parallel: bool,
+            response_schema: dict[str, Any] | bool | None = None) -> Constraint:
     """The structural tag that makes every call well-formed: `choice` is "auto" (free text, or
     calls once one opens), "required" or {"type": "function", "function": {"name": ...}} (calls
-    only, one per line; OpenAI's forced calls come without text)."""
+    only, one per line; OpenAI's forced calls come without text). With `response_schema`
+    (a structured response_format beside the tools), "auto" is that JSON or calls."""
     syntax = SYNTAX[fmt]
-    if syntax.xgrammar_model is not None:  # xgrammar's own tags for the format, with its triggers
-        tag = get_model_structural_tag(syntax.xgrammar_model, list[Any](tools), cast(Any, choice), reasoning="disabled",
-                                       max_whitespace_cnt=MAX_WHITESPACE, parallel_tool_calls=parallel)
-        tree = tag.model_dump(mode="json")["format"]
-    else:  # mistral: one call per [TOOL_CALLS] block
-        named = choice["function"]["name"] if isinstance(choice, dict) else None
-        tree = {"type": "triggered_tags", "triggers": [syntax.trigger], "tags": [
-            {"type": "tag", "begin": f'[TOOL_CALLS][{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
-             "content": {"type": "json_schema", "json_schema": t["function"].get("parameters") or {"type": "object"},
-                         "max_whitespace_cnt": MAX_WHITESPACE},
-             "end": "}]"}
-            for t in tools if named is None or t["function"]["name"] == named]}
-    if choice != "auto" and tree.get("type") == "triggered_tags":
-        tree = {"type": "tags_with_separator", "tags": tree["tags"], "separator": "\n", "at_least_one": True,
-                "stop_after_first": not parallel or isinstance(choice, dict)}  # a named function: one call
-    elif tree.get("type") == "triggered_tags":
-        tree.update(at_least_one=False, stop_after_first=not parallel)
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    if syntax.xgrammar_model is not None:  # xgrammar's own tags for the format (one per tool)
+        tag = get_model_structural_tag(syntax.xgrammar_model, cast(list[Any], tools), "auto", reasoning="disabled",
+                                       max_whitespace_cnt=MAX_WHITESPACE)
+        tags = tag.model_dump(mode="json")["format"]["tags"]
+    else:
+        tags = [{"type": "tag", "begin": syntax.opening(t["function"]["name"]), "end": syntax.end,
+                 "content": {"type": "json_schema", "json_schema": t["function"].get("parameters") or {"type": "object"},
+                             "max_whitespace_cnt": MAX_WHITESPACE}}
+                for t in tools]
+    if named is not None:
+        tags = [t for t in tags if t["begin"] == syntax.opening(named)]
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+             "stop_after_first": not parallel or named is not None}  # a named function: one call
+    tree: dict[str, Any] = calls
+    if choice == "auto" and response_schema is not None:
+        answer = {"type": "json_schema", "json_schema": response_schema, "max_whitespace_cnt": MAX_WHITESPACE}
+        tree = {"type": "or", "elements": [answer, calls]}
+    elif choice == "auto":
+        tree = {"type": "triggered_tags", "triggers": [syntax.trigger], "tags": tags, "at_least_one": False,
+                "stop_after_first": not parallel}
     return structured.structural_tag({"type": "structural_tag", "format": tree}, "tools")
 
 
@@ -125,13 +140,10 @@ def fallback(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> lis
 
 
 def call_text(fmt: ToolFormat, name: str, arguments: Any) -> str:
-    """A call as the model writes it (the grammar's canonical form)."""
+    """A call as the model writes it (the grammar's form)."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    if fmt == "hermes":
-        return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {args}}}\n</tool_call>'
-    if fmt == "llama3_json":
-        return f'{{"name": {json.dumps(name)}, "parameters": {args}}}'
-    return f'[TOOL_CALLS][{{"name": {json.dumps(name)}, "arguments": {args}}}]'
+    syntax = SYNTAX[fmt]
+    return syntax.opening(name) + args + syntax.end
 
 
 # --------------------------------------------------------------------------- the parser
@@ -146,85 +158,110 @@ class Call:
     done: bool = False
 
 
-@dataclass
-class Delta:
-    """What an answer's next text adds: content, a call's start (name known), or its arguments."""
+@dataclass(frozen=True)
+class Event:
+    """What an answer's next text adds, in order: content, a call's start (its name known), or a
+    fragment of a call's arguments."""
 
-    content: str = ""
-    started: list[Call] = field(default_factory=list)
-    arguments: list[tuple[int, str]] = field(default_factory=list)  # (call index, fragment)
+    kind: Literal["content", "call", "arguments"]
+    text: str = ""
+    call: Call | None = None
 
 
 class Parser:
     """Splits an answer into content and tool calls as its text arrives (`feed`), holding back
-    only what could still be the start of a call. Whole answers use it too: one `feed`, `end`."""
+    only what could still be the opening of a call. Whole answers use it too: one `feed`, `end`.
+    Whitespace between calls (the grammar's separator) is not content; whitespace followed by
+    more text is."""
 
-    def __init__(self, fmt: ToolFormat) -> None:
+    def __init__(self, fmt: ToolFormat, names: Iterable[str]) -> None:
         self.syntax = SYNTAX[fmt]
+        self.openings = {self.syntax.opening(n): n for n in names}
         self.buffer = ""  # text not yet given out
         self.calls: list[Call] = []
         self.content = ""
         self._call: Call | None = None  # the call whose arguments are arriving
+        self._held = ""  # whitespace after a call: content only if more text follows
         self._decoder = json.JSONDecoder()
 
-    def feed(self, text: str) -> Delta:
+    def feed(self, text: str) -> list[Event]:
         self.buffer += text
-        out = Delta()
-        while True:
-            if self._call is None:
-                at = self.buffer.find(self.syntax.trigger)
-                if at < 0:  # content, but keep what could begin the trigger
-                    keep = _partial_suffix(self.buffer, self.syntax.trigger)
-                    self._content(out, self.buffer[: len(self.buffer) - keep])
-                    self.buffer = self.buffer[len(self.buffer) - keep:]
-                    return out
-                self._content(out, self.buffer[:at])
-                self.buffer = self.buffer[at:]
-                head = self.syntax.header.match(self.buffer)
-                if head is None or head.end() == len(self.buffer):
-                    return out  # the call's name (and the space after its header) has not arrived yet
-                self._call = Call(len(self.calls), f"call_{uuid.uuid4().hex[:24]}", head.group(1))
-                self.calls.append(self._call)
-                out.started.append(self._call)
-                self.buffer = self.buffer[head.end():]
-            call = self._call
-            try:  # the arguments are complete once they decode as one JSON value
-                text = call.arguments + self.buffer
-                _, end = self._decoder.raw_decode(text, len(text) - len(text.lstrip()))
-            except json.JSONDecodeError:
-                if self.buffer:
-                    call.arguments += self.buffer
-                    out.arguments.append((call.index, self.buffer))
-                self.buffer = ""
-                return out
-            end -= len(call.arguments)
-            fragment, rest = self.buffer[:end], self.buffer[end:]
-            foot = self.syntax.footer.match(rest)
-            if foot is None:
-                return out  # wait for the call's end (arguments given out once it is certain)
-            call.arguments += fragment
-            if fragment:
-                out.arguments.append((call.index, fragment))
-            call.done = True
-            self._call = None
-            self.buffer = rest[foot.end():]
+        out: list[Event] = []
+        while self._step(out):
+            pass
+        return out
 
-    def end(self) -> Delta:
+    def end(self) -> list[Event]:
         """The answer is over: what was held back is content (an unfinished call stays unfinished)."""
-        out = Delta()
+        out: list[Event] = []
         if self._call is None:
             self._content(out, self.buffer)
-        self.buffer = ""
+        self.buffer = self._held = ""
         return out
 
     @property
     def complete_calls(self) -> list[Call]:
         return [c for c in self.calls if c.done]
 
-    def _content(self, out: Delta, text: str) -> None:
+    def _step(self, out: list[Event]) -> bool:
+        """Consume what can be consumed; False when more text is needed."""
+        if self._call is None:
+            at = self.buffer.find(self.syntax.trigger)
+            if at < 0:  # content, but keep what could begin the trigger
+                keep = _partial_suffix(self.buffer, self.syntax.trigger)
+                self._content(out, self.buffer[: len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep:]
+                return False
+            self._content(out, self.buffer[:at])
+            self.buffer = self.buffer[at:]
+            opening = next((o for o in self.openings if self.buffer.startswith(o)), None)
+            if opening is None:
+                if any(o.startswith(self.buffer) for o in self.openings):
+                    return False  # the name has not fully arrived
+                self._content(out, self.buffer[0])  # the trigger's text, but not a call
+                self.buffer = self.buffer[1:]
+                return True
+            self._held = ""  # the separator before a call
+            self._call = Call(len(self.calls), f"call_{uuid.uuid4().hex[:24]}", self.openings[opening])
+            self.calls.append(self._call)
+            out.append(Event("call", call=self._call))
+            self.buffer = self.buffer[len(opening):]
+        call = self._call
+        text = call.arguments + self.buffer
+        try:  # the arguments are complete once they decode as one JSON value
+            _, stop = self._decoder.raw_decode(text, len(text) - len(text.lstrip()))
+        except json.JSONDecodeError:
+            self._arguments(out, call, self.buffer)
+            self.buffer = ""
+            return False
+        fragment, rest = self.buffer[: stop - len(call.arguments)], self.buffer[stop - len(call.arguments):]
+        if not rest.startswith(self.syntax.end):
+            if self.syntax.end.startswith(rest):
+                return False  # the call's end is arriving (arguments given out once it is certain)
+            rest = self.syntax.end + rest  # not the grammar's end: close the call where its JSON ends
+        self._arguments(out, call, fragment)
+        call.done = True
+        self._call = None
+        self.buffer = rest[len(self.syntax.end):]
+        return True
+
+    def _arguments(self, out: list[Event], call: Call, text: str) -> None:
         if text:
-            self.content += text
-            out.content += text
+            call.arguments += text
+            out.append(Event("arguments", text, call))
+
+    def _content(self, out: list[Event], text: str) -> None:
+        if not text:
+            return
+        if self.calls and not (self._held + text).strip():
+            self._held += text  # after a call: a separator, unless text follows
+            return
+        text, self._held = self._held + text, ""
+        self.content += text
+        if out and out[-1].kind == "content":
+            out[-1] = Event("content", out[-1].text + text)
+        else:
+            out.append(Event("content", text))
 
 
 def _partial_suffix(text: str, marker: str) -> int:

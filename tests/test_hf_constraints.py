@@ -22,8 +22,8 @@ from server import models
 from server.config import Settings
 from server.engines.base import Constraint, FinishReason, SamplingSpec
 from server.engines.hf import HFEngine
-from server.structured import is_lark
 from server.errors import InvalidRequest
+from server.structured import is_lark
 from server.tokenizer import Tokenizer
 
 MAX_TOKENS = 200

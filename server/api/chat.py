@@ -14,9 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server import pipeline, sse, tools
+from server import pipeline, sse, structured, tools
 from server.api import envelope
-from server.engines.base import TokenLogprobs
+from server.engines.base import FinishReason, TokenLogprobs
 from server.errors import InvalidRequest, NotFound
 from server.gate import access
 from server.protocol.chat import (
@@ -53,15 +53,18 @@ async def create(request: Request) -> Response:
     target = await pipeline.resolve(request, body.model, body.user)
     tool_list = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
                  for t in body.tools or []]
-    if body.calls_tools:
-        if constraint is not None:
-            raise InvalidRequest("A structured 'response_format' cannot be combined with tool calls: an answer is "
-                                 "either calls or the structured reply. Set 'tool_choice' to 'none', or leave "
-                                 "'response_format' out.", param="response_format")
+    if body.calls_tools:  # the answer: calls, or (auto) text, or the structured reply when one is asked for
+        if constraint is not None and constraint.kind != "json":
+            raise InvalidRequest("Only a JSON response format (json_object, json_schema, or structured_outputs' "
+                                 "json) can be combined with tools.", param="tools")
         constraint = tools.grammar(target.tool_format, _for_grammar(tool_list), body.tool_choice_for_grammar(),
-                                   body.parallel_tool_calls is not False)
+                                   body.parallel_tool_calls is not False,
+                                   response_schema=json.loads(constraint.value) if constraint is not None else None)
     if constraint is not None:
         body.check_constrained("tool calls" if body.calls_tools else "a structured 'response_format'")
+        if body.echoed():  # the echoed text is not the grammar's
+            raise InvalidRequest("'echo' cannot be used with structured outputs or tool calls: the answer alone "
+                                 "matches the grammar.", param="echo")
         access(request).constrained = constraint.kind if not body.calls_tools else "tools"
     messages = [m.for_template() for m in body.messages]
     prompt = await target.render_chat(
@@ -93,17 +96,16 @@ async def _whole(request: Request, target: pipeline.Target, body: ChatCompletion
     choices = []
     for job in run.jobs:
         message = AssistantMessage(content=texts[job.index])
-        finish: ChatFinishReason = job.finish_reason or "stop"
+        ended: FinishReason = job.finish_reason or "stop"
+        finish: ChatFinishReason = ended
         if body.calls_tools:
-            parser = tools.Parser(target.tool_format)
+            parser = _parser(target, body)
             parser.feed(texts[job.index])
             parser.end()
-            calls = parser.complete_calls
-            if calls:
+            finish = _answered(request, parser, ended)
+            if parser.calls:  # cut by max_tokens, the last call is as far as it got (as streamed)
                 message = AssistantMessage(content=parser.content.strip() or None, tool_calls=[
-                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
-                finish = "tool_calls" if finish == "stop" else finish
-                access(request).tool_calls = (access(request).tool_calls or 0) + len(calls)
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parser.calls])
         choices.append(ChatChoice(
             index=job.index, message=message,
             logprobs=_logprobs(tok, job.logprobs, as_ids) if body.logprobs else None,
@@ -134,7 +136,7 @@ async def _chunks(request: Request, target: pipeline.Target, body: ChatCompletio
                     prompt_text=first.prompt.text if body.return_prompt_text and job is first else None)
         if echo:
             yield chunk([ChatChunkChoice(index=job.index, delta=Delta(content=echo))], continuous)
-    parsers = {job.index: tools.Parser(target.tool_format) for job in run.jobs} if body.calls_tools else {}
+    parsers = {job.index: _parser(target, body) for job in run.jobs} if body.calls_tools else {}
     async for job, event in run.events():
         logprobs = _logprobs(tok, event.logprobs, as_ids) if body.logprobs and event.logprobs else None
         token_ids = list(event.token_ids) if body.return_token_ids else None
@@ -142,46 +144,55 @@ async def _chunks(request: Request, target: pipeline.Target, body: ChatCompletio
         if parser is None:
             deltas = [Delta(content=event.text)] if event.text or logprobs is not None or token_ids else []
         else:  # content as it comes; each call's start, then its arguments as they come
-            got = parser.feed(event.text)
-            if event.finish_reason is not None:
-                rest = parser.end()
-                got.content += rest.content
-            if parser.calls and not got.content.strip():  # the line breaks between calls are not content
-                got.content = ""
-            deltas = _tool_deltas(got)
+            got = parser.feed(event.text) + (parser.end() if event.finish_reason is not None else [])
+            deltas = [_delta(e) for e in got]
             if not deltas and (logprobs is not None or token_ids):
                 deltas = [Delta(content="")]
         for i, delta in enumerate(deltas):
             yield chunk([ChatChunkChoice(index=job.index, delta=delta, logprobs=logprobs if i == 0 else None,
                                          token_ids=token_ids if i == 0 else None)], continuous)
         if event.finish_reason is not None:
-            finish: ChatFinishReason = event.finish_reason
-            if parser is not None and parser.complete_calls and finish == "stop":
-                finish = "tool_calls"
-                access(request).tool_calls = (access(request).tool_calls or 0) + len(parser.complete_calls)
+            finish = _answered(request, parser, event.finish_reason) if parser is not None else event.finish_reason
             yield chunk([ChatChunkChoice(index=job.index, delta=Delta(), finish_reason=finish)], continuous)
     if body.include_usage:
         yield chunk([], usage=True)
 
 
-def _tool_deltas(got: tools.Delta) -> list[Delta]:
-    """OpenAI's stream of calls: content; a call's first delta with index, id, type and name
-    (arguments ""); then its arguments in fragments. Clients join calls by index."""
-    out = [Delta(content=got.content)] if got.content else []
-    for call in got.started:
-        out.append(Delta(tool_calls=[ToolCallDelta(index=call.index, id=call.id, type="function",
-                                                   function=FunctionCallDelta(name=call.name, arguments=""))]))
-    for index, fragment in got.arguments:
-        out.append(Delta(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=fragment))]))
-    return out
+def _parser(target: pipeline.Target, body: ChatCompletionRequest) -> tools.Parser:
+    return tools.Parser(target.tool_format, [t.function.name for t in body.tools or []])
+
+
+def _answered(request: Request, parser: tools.Parser, finish: FinishReason) -> ChatFinishReason:
+    """The choice's finish_reason: "tool_calls" when it ended where its grammar ends, with calls;
+    its calls are counted for the metrics and the request log."""
+    record = access(request)
+    record.tool_calls = (record.tool_calls or 0) + len(parser.calls)
+    return "tool_calls" if finish == "stop" and parser.complete_calls else finish
+
+
+def _delta(event: tools.Event) -> Delta:
+    """OpenAI's stream of calls: a call's first delta carries index, id, type and name (arguments
+    ""); then only index and arguments fragments. Clients join calls by index."""
+    if event.kind == "content":
+        return Delta(content=event.text)
+    call = event.call
+    assert call is not None
+    if event.kind == "call":
+        return Delta(tool_calls=[ToolCallDelta(index=call.index, id=call.id, type="function",
+                                               function=FunctionCallDelta(name=call.name, arguments=""))])
+    return Delta(tool_calls=[ToolCallDelta(index=call.index, function=FunctionCallDelta(arguments=event.text))])
 
 
 def _for_grammar(tool_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tools as the grammar sees them: arguments are always an object matching `parameters`
-    (xgrammar would leave a non-strict tool's, or one without parameters, unconstrained)."""
-    return [{"type": "function", "function": {"name": t["function"]["name"],
-                                              "parameters": t["function"].get("parameters") or {"type": "object"}}}
-            for t in tool_list]
+    (xgrammar would leave a non-strict tool's, or one without parameters, unconstrained), each
+    checked here so that a 400 names the tool's own keyword."""
+    out = []
+    for t in tool_list:
+        parameters = t["function"].get("parameters") or {"type": "object"}
+        structured.check_schema(parameters, "tools.function.parameters")
+        out.append({"type": "function", "function": {"name": t["function"]["name"], "parameters": parameters}})
+    return out
 
 
 def _logprobs(tok: Tokenizer, items: Sequence[TokenLogprobs], as_ids: bool) -> ChoiceLogprobs:

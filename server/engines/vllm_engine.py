@@ -106,9 +106,9 @@ def _structured(constraint: Constraint | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    field = {"json": "json", "regex": "regex", "grammar": "grammar", "structural_tag": "structural_tag"}[constraint.kind]
+    # our kinds are vLLM's field names
     value: Any = json.loads(constraint.value) if constraint.kind == "json" else constraint.value
-    return StructuredOutputsParams(**{field: value})
+    return StructuredOutputsParams(**{constraint.kind: value})
 
 
 def _top(position: Mapping[int, Any] | None, k: int) -> dict[int, float]:
@@ -172,12 +172,14 @@ class VLLMEngine:
     def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> VLLMEngine:
         """Build the engine (blocking: loads weights, profiles memory, warms up). vLLM loads its
         own tokenizer from the model folder; `tokenizer` is not needed."""
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        # vLLM's V2 model runner kills the engine on any structured-output request on CPU (vLLM
-        # issue #51283): the V1 runner applies grammar masks correctly. Read when the engine
-        # core starts, so it is set here, before it does.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if current_platform.is_cpu():
+            # vLLM's V2 model runner kills the engine on any structured-output request on CPU
+            # (vLLM issue #51283): the V1 runner applies grammar masks correctly. Read when the
+            # engine core starts, so it is set here, before it does.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         # No local may hold the AsyncLLM itself: something in vLLM's construction keeps this
         # frame alive, and shutdown() must be able to drop the last reference (see there).
         stats = _SchedulerStats()

@@ -102,7 +102,7 @@ def test_auto_answers_in_text_or_in_valid_calls(client: openai.OpenAI) -> None:
     messages = [*call("Rome", 1), *call("Oslo", 2), *ASK]
     response = {"7639": -100}  # "response" (as in <tool_response>) in the default model's vocabulary
     seen_call = False
-    for temperature, seed in ((0, None), (1, 1), (1, 2)):
+    for temperature, seed in ((0, None), (1, 1), (1, 2), (1, 3)):
         r = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, tool_choice="auto",
                                            max_tokens=MAX_TOKENS, temperature=temperature, seed=seed,
                                            logit_bias=response)
@@ -143,8 +143,12 @@ def test_tool_fields_refused_or_checked(http: httpx.Client) -> None:
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools.type.custom"),
-        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]}, None),
+        ({"tools": TOOLS, "structured_outputs": {"regex": "a"}}, "tools"),
+        ({"tools": TOOLS, "messages": [*ASK, {"role": "assistant", "content": "Sure"}], "echo": True,
+          "add_generation_prompt": False, "continue_final_message": True}, "echo"),
+        ({"tools": TOOLS, "allowed_token_ids": [5]}, "allowed_token_ids"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
+         "tools.function.parameters.not"),
     ]
     for body, param in cases:
         r = post(**body)
@@ -169,3 +173,18 @@ def test_the_log_and_metrics_count_constrained_requests_and_calls(http: httpx.Cl
     assert f'llm_tool_calls_total{{model="{MODEL}"}}' in metrics
     assert any(line.startswith("llm_constrained_requests_total{") and 'kind="tools"' in line
                for line in metrics.splitlines())
+
+
+def test_a_json_response_format_beside_tools_is_that_json_or_calls(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, max_tokens=MAX_TOKENS, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    choice = r.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        _check_calls(choice.message.tool_calls)
+    else:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)

@@ -70,7 +70,9 @@ class Sampler:
                 top: dict[int, float] = {}
                 if k > 0:
                     vals, idx = raw[i].topk(k)
-                    top = dict(zip(idx.tolist(), vals.tolist(), strict=True))
+                    # a grammar leaves fewer than k tokens possible: the rest are -inf, which JSON
+                    # cannot carry; vLLM's server sends them as -9999.0
+                    top = dict(zip(idx.tolist(), vals.clamp(min=-9999.0).tolist(), strict=True))
                 lps[i] = TokenLogprobs(chosen[i], float(raw[i, chosen[i]]), top)
         return chosen, lps
 
