@@ -130,15 +130,20 @@ ENDLESS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum"
 CONSTRAINTS: dict[str, dict[str, Any]] = {
     "none": {},
     "json": {"response_format": {"type": "json_schema", "json_schema": {"name": "numbers", "schema": ENDLESS}}},
-    "tools": {"tools": [{"type": "function", "function": {"name": "record", "parameters": {
-        "type": "object", "properties": {"values": ENDLESS}, "required": ["values"]}}}], "tool_choice": "required"},
+    "tools": {"tool_choice": "required"},
 }
+# the tool the tools mode calls; with --describe-tools every mode's prompt describes it (the
+# fallback's system turn), so modes differ in their grammar alone, not in their prompts' length
+TOOLS = [{"type": "function", "function": {"name": "record", "parameters": {
+    "type": "object", "properties": {"values": ENDLESS}, "required": ["values"]}}}]
 
 
 async def one_request(
     client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, prompt: str, seed: int, max_tokens: int
 ) -> Sample:
     extra: dict[str, Any] = dict(CONSTRAINTS[args.constraint])
+    if args.constraint == "tools" or args.describe_tools:
+        extra = {"tools": TOOLS, "tool_choice": "none", **extra}
     if args.min_tokens and args.constraint == "none":
         extra["min_tokens"] = max_tokens
     start = time.perf_counter()
@@ -296,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", choices=list(CONSTRAINTS), default="none",
                    help="json: a json_schema response_format, tools: a required tool call; both grammars "
                         "cannot end before max_tokens, so answers are as long as free ones with --min-tokens")
+    p.add_argument("--describe-tools", action="store_true",
+                   help="send the tools mode's tool (with tool_choice none) in every mode: the same prompts")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600)

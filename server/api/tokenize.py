@@ -37,7 +37,8 @@ async def tokenize(request: Request) -> Response:
         prompt = await target.render_chat([m.for_template() for m in body.messages],
                                           add_generation_prompt=generation, continue_final_message=continue_final,
                                           add_special_tokens=bool(body.add_special_tokens),
-                                          template_kwargs=body.chat_template_kwargs)
+                                          template_kwargs=body.chat_template_kwargs,
+                                          tool_list=[t.model_dump(exclude_none=True) for t in body.tools or []])
     else:
         prompt = await target.encode(body.prompt or "", body.add_special_tokens is not False)
     tok = target.tokenizer

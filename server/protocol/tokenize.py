@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, model_validator
 
 from server.errors import InvalidRequest
-from server.protocol.chat import ChatMessage
+from server.protocol.chat import ChatMessage, Tool
 from server.protocol.common import INT32_MAX, NO_MULTIMODAL, VLLM_FLAG, Wire, _Request
 
 
@@ -23,11 +23,10 @@ class TokenizeRequest(_Request):
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None  # rendered as chat completions render them
 
     REFUSED: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
         "chat_template": ((None,), f"A request's own chat template: {VLLM_FLAG}."),
-        "tools": ((None, []), "Tokenizing a conversation with tools is not supported; send the request to "
-                              "/v1/chat/completions with 'return_prompt_text' to see the rendered prompt."),
         "media_io_kwargs": ((None,), NO_MULTIMODAL),
         "mm_processor_kwargs": ((None,), NO_MULTIMODAL),
     }
@@ -36,6 +35,8 @@ class TokenizeRequest(_Request):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("Give exactly one of 'prompt' and 'messages'.", param="prompt")
+        if self.tools and self.messages is None:
+            raise InvalidRequest("'tools' belong to a conversation: give 'messages'.", param="tools")
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequest("'continue_final_message' and 'add_generation_prompt' cannot both be true.",
                                  param="continue_final_message")

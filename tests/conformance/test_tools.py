@@ -188,3 +188,14 @@ def test_a_json_response_format_beside_tools_is_that_json_or_calls(client: opena
     else:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_tokenize_renders_tools_as_chat_completions_do(http: httpx.Client) -> None:
+    plain = http.post("/tokenize", json={"model": MODEL, "messages": ASK, "return_token_strs": True}).json()
+    with_tools = http.post("/tokenize", json={"model": MODEL, "messages": ASK, "tools": TOOLS,
+                                              "return_token_strs": True}).json()
+    # the default template knows no tools: the fallback describes them in a system turn
+    assert with_tools["count"] > plain["count"] and "get_weather" in "".join(with_tools["token_strs"])
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 1,
+                                                   "return_token_ids": True}).json()
+    assert chat["prompt_token_ids"] == with_tools["tokens"]
