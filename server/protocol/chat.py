@@ -299,6 +299,13 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequest("'continue_final_message' and 'add_generation_prompt' cannot both be true: "
                                  "set 'add_generation_prompt' to false to continue the final message.",
                                  param="continue_final_message")
+        called: set[str] = set()
+        for m in self.messages:  # as OpenAI: a tool message answers a call made before it
+            called.update(c.id for c in m.tool_calls or [])
+            if m.role == "tool" and m.tool_call_id not in called:
+                raise InvalidRequest(f"Invalid value for 'messages': the tool message with tool_call_id "
+                                     f"{str(m.tool_call_id)[:64]!r} does not answer a call of an earlier assistant "
+                                     "message's 'tool_calls'.", param="messages.tool_call_id")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise InvalidRequest("Invalid value for 'tools': function names must be unique.", param="tools")

@@ -60,8 +60,7 @@ def test_invalid_chat_values_name_the_field(http: httpx.Client, field: str, valu
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("web_search_options", {}),
-     ("response_format", {"type": "json_object"}), ("modalities", ["audio"]), ("bogus_field", 1)],
+    [("functions", [{"name": "f"}]), ("web_search_options", {}), ("modalities", ["audio"]), ("bogus_field", 1)],
 )
 def test_unsupported_fields_are_refused_by_name(http: httpx.Client, field: str, value: object) -> None:
     err = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, field: value}), 400)
@@ -76,9 +75,10 @@ def test_unsupported_content_part_is_refused(http: httpx.Client) -> None:
     assert err["param"].startswith("messages")
 
 
-def test_tool_role_is_refused(http: httpx.Client) -> None:
-    msg = [{"role": "tool", "content": "42", "tool_call_id": "x"}]
-    _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": msg}), 400)
+def test_a_tool_message_must_answer_an_earlier_call(http: httpx.Client) -> None:
+    msg = [{"role": "tool", "content": "42", "tool_call_id": "x"}]  # as OpenAI: no call "x" before it
+    err = _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": msg}), 400)
+    assert err["param"] == "messages.tool_call_id" and "'x'" in err["message"]
 
 
 def test_top_logprobs_needs_logprobs(http: httpx.Client) -> None:
