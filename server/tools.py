@@ -15,6 +15,7 @@ strings exactly: it finds calls, it never repairs them.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable
@@ -53,6 +54,7 @@ SYNTAX: dict[str, _Syntax] = {
 }
 
 
+@functools.lru_cache(maxsize=64)  # asked on every chat request, of a template that never changes
 def detect(template: str | None) -> ToolFormat:
     """The format a chat template writes tool calls in; hermes for templates that know none
     (the fallback renders tools in that format)."""
@@ -66,6 +68,7 @@ def detect(template: str | None) -> ToolFormat:
     return "hermes"
 
 
+@functools.lru_cache(maxsize=64)  # parses the template: once per template, not per request
 def knows_tools(template: str | None) -> bool:
     """Whether a chat template renders `tools` itself (reads the variable), else the fallback
     describes them."""

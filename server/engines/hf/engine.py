@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import xgrammar as xgr
+
 from server.config import Settings
 from server.engines.base import (
     Constraint,
@@ -82,7 +84,7 @@ ENGINE_OVERHEAD = GiB // 4
 
 
 class HFEngine:
-    def __init__(self, core: Core, tokenizer: Tokenizer, info: EngineInfo, compiler: Any) -> None:
+    def __init__(self, core: Core, tokenizer: Tokenizer, info: EngineInfo, compiler: xgr.GrammarCompiler) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.info = info
@@ -250,7 +252,7 @@ class HFEngine:
             if not seq.done:
                 core.cancel(request_id)
 
-    async def _matcher(self, constraint: Constraint, stop_token_ids: tuple[int, ...]) -> Any:
+    async def _matcher(self, constraint: Constraint, stop_token_ids: tuple[int, ...]) -> xgr.GrammarMatcher:
         """A fresh matcher for this sequence's grammar, compiled off the event loop (the compiler
         caches: the other sequences of an `n` > 1 request reuse the first one's grammar)."""
         try:
