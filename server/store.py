@@ -1,17 +1,26 @@
-"""The request log: one row per `/v1/*` request, in SQLite (default) or PostgreSQL.
+"""The database, in SQLite (default) or PostgreSQL: the request log, stored responses and
+conversations.
 
-Rows are written off the request path: `record` only puts the row in a bounded buffer, and a
-writer thread inserts them in batches. A slow or dead database never slows or fails a request:
-the writer retries with backoff while rows wait in the buffer; when the buffer is full, further
-rows are counted in `llm_request_log_dropped_total` (and logged), never dropped silently. On
-shutdown everything buffered is written (for up to `FLUSH_SECONDS` if the database is down).
+The request log is one row per `/v1/*` request, written off the request path: `record` only puts
+the row in a bounded buffer, and a writer thread inserts them in batches. A slow or dead database
+never slows or fails a request: the writer retries with backoff while rows wait in the buffer;
+when the buffer is full, further rows are counted in `llm_request_log_dropped_total` (and logged),
+never dropped silently. On shutdown everything buffered is written (for up to `FLUSH_SECONDS` if
+the database is down).
 
-The schema is created at start and migrated forward: columns a newer version adds are added to
-an existing table (all of them nullable), and `llm_service_schema` records the version.
+Stored responses and conversations (`Stored`) are the opposite: they are what a client asked to
+keep, so each is written synchronously, in one short transaction, while the request waits. A
+transient error is retried briefly; after that the failure reaches the caller (the API answers
+503), never a silent loss.
+
+The schema is created at start and migrated forward: tables a newer version adds are created,
+columns it adds to the request log are added to an existing table (all of them nullable), and
+`llm_service_schema` records the version.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -20,15 +29,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import sqlalchemy as sa
+import tenacity
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BATCH = 500
 FLUSH_SECONDS = 10.0
+P = ParamSpec("P")
+R = TypeVar("R")
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -63,6 +75,42 @@ schema_table = sa.Table(
     "llm_service_schema", metadata,
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("applied", sa.DateTime, nullable=False),
+)
+
+# stored responses and conversations: the JSON columns hold what the API built; the store reads
+# only the other columns
+responses_table = sa.Table(
+    "llm_responses", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=True),  # the key's name; NULL on a server without keys
+    sa.Column("created", sa.DateTime, nullable=False, index=True),
+    sa.Column("updated", sa.DateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("background", sa.Boolean, nullable=False),
+    sa.Column("runner", sa.String(256), nullable=True),  # the instance running a background response
+    sa.Column("previous_response_id", sa.String(64), nullable=True),
+    sa.Column("conversation_id", sa.String(64), nullable=True),
+    sa.Column("input", sa.Text, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("events", sa.Text, nullable=True),  # a background response's stream, for replay
+)
+conversations_table = sa.Table(
+    "llm_conversations", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=True),
+    sa.Column("created", sa.DateTime, nullable=False),
+    sa.Column("updated", sa.DateTime, nullable=False, index=True),  # retention counts from here
+    sa.Column("metadata", sa.Text, nullable=False),
+)
+items_table = sa.Table(
+    "llm_conversation_items", metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("conversation_id", sa.String(64), nullable=False),
+    sa.Column("item_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("created", sa.DateTime, nullable=False),
+    sa.Column("item", sa.Text, nullable=False),
+    # also serves lookups by conversation alone
+    sa.Index("ix_llm_conversation_items_conversation_seq", "conversation_id", "seq"),
 )
 
 
@@ -248,3 +296,317 @@ class RequestLog:
              "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens)}
             for r in rows
         ]
+
+
+class MissingAncestor(LookupError):
+    """A chain names a previous response that is gone (deleted, past retention) or not the
+    viewer's."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"previous response {id!r} not found")
+        self.id = id
+
+
+class ChainTooLong(ValueError):
+    """More previous responses than the limit (a loop ends here too)."""
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks: `owner` is the key's name (None without keys); `all` sees every row (an admin
+    key, or a server without keys)."""
+    owner: str | None
+    all: bool = False
+
+    def sees(self, owner: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        if self.all:
+            return sa.true()
+        if self.owner is None:
+            return sa.false()  # rows without an owner come from a server without keys
+        return owner == self.owner
+
+
+@dataclass
+class StoredResponse:
+    """A response as the Responses API keeps it; `created` is naive UTC."""
+    id: str
+    owner: str | None
+    created: datetime
+    status: str
+    background: bool
+    input: list[dict[str, Any]]
+    response: dict[str, Any]
+    previous_response_id: str | None = None
+    conversation_id: str | None = None
+    runner: str | None = None
+    events: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Conversation:
+    id: str
+    owner: str | None
+    created: datetime
+    metadata: dict[str, str]
+
+
+def _json(value: Any) -> str:
+    # compact, and text as UTF-8 rather than \u escapes: events of a long stream add up
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth another try: a dropped connection, or a busy database (SQLite's lock)."""
+    return isinstance(e, sa.exc.OperationalError) or (isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated)
+
+
+_retrying = tenacity.Retrying(
+    retry=tenacity.retry_if_exception(_transient), stop=tenacity.stop_after_attempt(3),
+    wait=tenacity.wait_chain(tenacity.wait_fixed(0.2), tenacity.wait_fixed(0.5)),
+    before_sleep=tenacity.before_sleep_log(log, logging.WARNING), reraise=True)
+
+
+def _retried(method: Callable[P, R]) -> Callable[P, R]:
+    """tenacity's retry typed as the method itself: its own decorator's type drops a method's
+    parameters, and callers' arguments would go unchecked."""
+    return _retrying.wraps(method)
+
+
+class Stored:
+    """Stored responses and conversations. Every method is one short synchronous transaction
+    (the API calls them through `asyncio.to_thread`), retried on transient errors and otherwise
+    raising. Rows the viewer may not see behave exactly as missing ones."""
+
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
+
+    @_retried
+    def ensure_schema(self) -> None:
+        migrate(self.db)
+
+    # responses
+
+    @_retried
+    def put_response(self, r: StoredResponse) -> None:
+        """Insert, or replace every column of the row with that id."""
+        t = responses_table
+        values = {
+            "owner": r.owner, "created": r.created, "updated": utcnow(), "status": r.status,
+            "background": r.background, "runner": r.runner, "previous_response_id": r.previous_response_id,
+            "conversation_id": r.conversation_id, "input": _json(r.input), "response": _json(r.response),
+            "events": None if r.events is None else _json(r.events),
+        }
+        with self.db.begin() as conn:
+            # update, else insert: portable, and one writer per response id
+            if conn.execute(t.update().where(t.c.id == r.id).values(values)).rowcount == 0:
+                conn.execute(t.insert().values(id=r.id, **values))
+
+    @_retried
+    def get_response(self, id: str, viewer: Viewer) -> StoredResponse | None:
+        t = responses_table
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == id, viewer.sees(t.c.owner))).first()
+        return None if row is None else _stored_response(row)
+
+    @_retried
+    def delete_response(self, id: str, viewer: Viewer) -> bool:
+        t = responses_table
+        with self.db.begin() as conn:
+            return conn.execute(t.delete().where(t.c.id == id, viewer.sees(t.c.owner))).rowcount > 0
+
+    @_retried
+    def chain(self, id: str, viewer: Viewer, limit: int = 1000) -> list[StoredResponse] | None:
+        """The response `id` and its ancestors through previous_response_id, oldest first, in one
+        recursive query. None when `id` is not visible; MissingAncestor when a link is gone or
+        not the viewer's; ChainTooLong beyond `limit` hops."""
+        t, parent = responses_table, responses_table.alias("parent")
+        # a literal 0, not a parameter: PostgreSQL wants one type for `hops` in both terms
+        links = (sa.select(t.c.id, t.c.previous_response_id, sa.literal_column("0", sa.Integer).label("hops"))
+                 .where(t.c.id == id, viewer.sees(t.c.owner))
+                 .cte("links", recursive=True))
+        links = links.union_all(
+            sa.select(parent.c.id, parent.c.previous_response_id, links.c.hops + 1)
+            .join_from(links, parent, parent.c.id == links.c.previous_response_id)
+            .where(viewer.sees(parent.c.owner), links.c.hops <= limit))  # one hop past: "too long"
+        query = sa.select(t, links.c.hops).join(links, links.c.id == t.c.id).order_by(links.c.hops.desc())
+        with self.db.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            return None
+        oldest = rows[0]
+        if oldest.hops > limit:
+            raise ChainTooLong(f"more than {limit} previous responses")
+        if oldest.previous_response_id is not None:
+            raise MissingAncestor(oldest.previous_response_id)
+        return [_stored_response(row) for row in rows]
+
+    @_retried
+    def fail_unfinished(self, runner: str, error: dict[str, Any], before: datetime) -> int:
+        """Mark failed, with `error`, every queued or in-progress response `runner` was running,
+        made before `before` (this start: what it makes from now on is its own). Called at start,
+        so a restart never silently loses a response; a background one's replay ends with the
+        failure too. Returns how many."""
+        t = responses_table
+        unfinished = sa.and_(t.c.runner == runner, t.c.status.in_(("queued", "in_progress")), t.c.created < before)
+        failed = 0
+        with self.db.begin() as conn:
+            for row in conn.execute(sa.select(t.c.id, t.c.response, t.c.events).where(unfinished)).all():
+                response = json.loads(row.response) | {"status": "failed", "error": error}
+                events = json.loads(row.events) if row.events else None
+                if events is not None:
+                    events.append({"type": "response.failed", "response": response, "sequence_number": len(events)})
+                # still unfinished: one that ended meanwhile keeps its ending
+                failed += conn.execute(t.update().where(t.c.id == row.id, unfinished).values(
+                    status="failed", response=_json(response), events=_json(events) if events is not None else None,
+                    updated=utcnow())).rowcount
+        return failed
+
+    @_retried
+    def sweep(self, before: datetime) -> tuple[int, int]:
+        """Delete responses created before `before`, and conversations last changed before it
+        with their items. Returns (responses, conversations) deleted."""
+        r, c, i = responses_table, conversations_table, items_table
+        with self.db.begin() as conn:
+            responses = conn.execute(r.delete().where(r.c.created < before)).rowcount
+            # conversations first: their rows stay locked to the commit, so `add_items` meanwhile
+            # waits, then finds no conversation, rather than adding to one being deleted
+            gone = list(conn.execute(c.delete().where(c.c.updated < before).returning(c.c.id)).scalars())
+            for start in range(0, len(gone), 500):  # SQLite caps the parameters of one statement
+                conn.execute(i.delete().where(i.c.conversation_id.in_(gone[start:start + 500])))
+        return responses, len(gone)
+
+    # conversations
+
+    @_retried
+    def create_conversation(self, c: Conversation, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """The conversation and its first items, (item_id, item) in order, together."""
+        now = utcnow()
+        with self.db.begin() as conn:
+            conn.execute(conversations_table.insert().values(
+                {"id": c.id, "owner": c.owner, "created": c.created, "updated": now, "metadata": _json(c.metadata)}))
+            self._append(conn, c.id, items, now)
+
+    @_retried
+    def get_conversation(self, id: str, viewer: Viewer) -> Conversation | None:
+        c = conversations_table
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(c).where(c.c.id == id, viewer.sees(c.c.owner))).first()
+        return None if row is None else _conversation(row)
+
+    @_retried
+    def update_conversation(self, id: str, viewer: Viewer, metadata: dict[str, str]) -> Conversation | None:
+        """Replace the metadata."""
+        c = conversations_table
+        with self.db.begin() as conn:
+            mine = sa.and_(c.c.id == id, viewer.sees(c.c.owner))
+            changed = c.update().where(mine).values({"metadata": _json(metadata), "updated": utcnow()})
+            if conn.execute(changed).rowcount == 0:
+                return None
+            return _conversation(conn.execute(sa.select(c).where(mine)).one())
+
+    @_retried
+    def delete_conversation(self, id: str, viewer: Viewer) -> bool:
+        """The conversation and its items."""
+        c, i = conversations_table, items_table
+        with self.db.begin() as conn:
+            if conn.execute(c.delete().where(c.c.id == id, viewer.sees(c.c.owner))).rowcount == 0:
+                return False
+            conn.execute(i.delete().where(i.c.conversation_id == id))
+        return True
+
+    @_retried
+    def list_conversations(self, viewer: Viewer, limit: int, after: str | None,
+                           order: Literal["asc", "desc"]) -> tuple[list[Conversation], bool]:
+        """A page ordered by (created, id), and whether more follow. `after` is a conversation id;
+        KeyError when it is not visible."""
+        c = conversations_table
+        query = sa.select(c).where(viewer.sees(c.c.owner))
+        with self.db.connect() as conn:
+            if after is not None:
+                mark = conn.execute(sa.select(c.c.created, c.c.id)
+                                    .where(c.c.id == after, viewer.sees(c.c.owner))).first()
+                if mark is None:
+                    raise KeyError(after)
+                key, at = sa.tuple_(c.c.created, c.c.id), sa.tuple_(mark.created, mark.id)
+                query = query.where(key > at if order == "asc" else key < at)
+            by = (c.c.created.asc(), c.c.id.asc()) if order == "asc" else (c.c.created.desc(), c.c.id.desc())
+            rows = conn.execute(query.order_by(*by).limit(limit + 1)).all()
+        return [_conversation(row) for row in rows[:limit]], len(rows) > limit
+
+    @_retried
+    def add_items(self, conversation_id: str, viewer: Viewer, items: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Append (item_id, item) pairs in order; False when the conversation is not visible."""
+        c = conversations_table
+        now = utcnow()
+        with self.db.begin() as conn:
+            # touch first: that locks the conversation against a concurrent delete or sweep
+            touched = conn.execute(c.update().where(c.c.id == conversation_id, viewer.sees(c.c.owner))
+                                   .values(updated=now)).rowcount
+            if touched == 0:
+                return False
+            self._append(conn, conversation_id, items, now)
+        return True
+
+    @_retried
+    def list_items(self, conversation_id: str, viewer: Viewer, limit: int | None, after: str | None,
+                   order: Literal["asc", "desc"]) -> tuple[list[dict[str, Any]], bool] | None:
+        """A page of the conversation's items in the order they were added (`limit` None: all of
+        them), and whether more follow. None when the conversation is not visible; KeyError when
+        `after` is not one of its items."""
+        c, i = conversations_table, items_table
+        query = sa.select(i.c.item).where(i.c.conversation_id == conversation_id)
+        with self.db.connect() as conn:
+            if conn.execute(sa.select(c.c.id).where(c.c.id == conversation_id, viewer.sees(c.c.owner))).first() is None:
+                return None
+            if after is not None:
+                seq = conn.execute(sa.select(i.c.seq).where(i.c.conversation_id == conversation_id,
+                                                             i.c.item_id == after)).scalar()
+                if seq is None:
+                    raise KeyError(after)
+                query = query.where(i.c.seq > seq if order == "asc" else i.c.seq < seq)
+            query = query.order_by(i.c.seq.asc() if order == "asc" else i.c.seq.desc())
+            if limit is not None:
+                query = query.limit(limit + 1)
+            texts = conn.execute(query).scalars().all()
+        return [json.loads(text) for text in texts[:limit]], limit is not None and len(texts) > limit
+
+    @_retried
+    def get_item(self, conversation_id: str, item_id: str, viewer: Viewer) -> dict[str, Any] | None:
+        c, i = conversations_table, items_table
+        query = (sa.select(i.c.item).join(c, c.c.id == i.c.conversation_id)
+                 .where(i.c.conversation_id == conversation_id, i.c.item_id == item_id, viewer.sees(c.c.owner)))
+        with self.db.connect() as conn:
+            text = conn.execute(query).scalar()
+        return None if text is None else json.loads(text)
+
+    @_retried
+    def delete_item(self, conversation_id: str, item_id: str, viewer: Viewer) -> bool:
+        """Delete one item; the conversation counts as changed (its retention starts again)."""
+        c, i = conversations_table, items_table
+        visible = sa.select(c.c.id).where(c.c.id == conversation_id, viewer.sees(c.c.owner)).exists()
+        with self.db.begin() as conn:
+            deleted = conn.execute(i.delete().where(i.c.conversation_id == conversation_id, i.c.item_id == item_id,
+                                                    visible)).rowcount
+            if deleted:
+                conn.execute(c.update().where(c.c.id == conversation_id).values(updated=utcnow()))
+        return deleted > 0
+
+    def _append(self, conn: sa.Connection, conversation_id: str, items: list[tuple[str, dict[str, Any]]],
+                now: datetime) -> None:
+        if items:  # one multi-row insert; `seq` follows the list's order
+            conn.execute(items_table.insert(), [
+                {"conversation_id": conversation_id, "item_id": item_id, "created": now, "item": _json(item)}
+                for item_id, item in items])
+
+
+def _stored_response(row: sa.Row[Any]) -> StoredResponse:
+    return StoredResponse(
+        id=row.id, owner=row.owner, created=row.created, status=row.status, background=row.background,
+        input=json.loads(row.input), response=json.loads(row.response),
+        previous_response_id=row.previous_response_id, conversation_id=row.conversation_id,
+        runner=row.runner, events=None if row.events is None else json.loads(row.events))
+
+
+def _conversation(row: sa.Row[Any]) -> Conversation:
+    m = row._mapping  # `metadata` is a column here, not the table's MetaData
+    return Conversation(id=m["id"], owner=m["owner"], created=m["created"], metadata=json.loads(m["metadata"]))
