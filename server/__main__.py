@@ -112,7 +112,20 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="keep prompt and answer text in the request log (off: counts and timings only)")
     o.add_argument("--request-log-buffer", type=int, default=10000,
                    help="rows that may wait for a slow or down database; beyond, rows are dropped and counted")
+    o.add_argument("--store-responses", type=_on_off, default=True, metavar="on|off",
+                   help="keep Responses API responses with store: true (OpenAI's default) and conversations in "
+                        "the database (off: nothing is kept; such responses answer with store: false)")
+    o.add_argument("--response-retention", type=float, default=30.0, metavar="DAYS",
+                   help="days a stored response, and a conversation after its last change, is kept (default 30)")
     return p
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import timedelta
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import FastAPI
 
 from server import __version__, admin, openapi, ops
-from server.api import chat, completions, models, tokenize
+from server.api import chat, completions, conversations, models, responses, tokenize
 from server.auth import Keys
 from server.config import Settings
 from server.errors import APIError, install_handlers
@@ -29,12 +31,16 @@ from server.gate import Gate
 from server.limits import KeyLimits
 from server.metrics import Metrics
 from server.registry import Estimator, Loader, Registry, Served, estimate
-from server.store import RequestLog
+from server.store import RequestLog, Stored, utcnow
+
+if TYPE_CHECKING:
+    from server.api.responses import Live
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed", "stopping"]
 RENDER_THREADS = 2
+SWEEP_SECONDS = 3600.0  # how often responses and conversations past their retention are deleted
 
 
 @dataclass
@@ -48,6 +54,9 @@ class ServerState:
     keys: Keys = field(default_factory=lambda: Keys([]))
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     request_log: RequestLog | None = None
+    stored: Stored | None = None  # stored responses and conversations (the request log's database)
+    background: dict[str, Live] = field(default_factory=dict)  # background responses running here
+    runner: str = ""  # this instance, as background responses record who runs them
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
     # templating and tokenizing prompts: off the event loop (probes and streams keep being served),
     # in a bounded pool (a burst of huge prompts waits its turn instead of taking every thread)
@@ -85,6 +94,56 @@ class ServerState:
         if self.status == "stopping":
             return "The server is shutting down."
         return f"The server cannot serve: {self.detail}"
+
+
+async def keep_store(state: ServerState) -> None:
+    """The stored responses' upkeep: at start, background responses this instance was running
+    when it last stopped are marked failed (never silently lost); then, hourly, whatever is past
+    its retention is deleted. A database that is down is retried at the next round."""
+    stored, settings = state.stored, state.settings
+    assert stored is not None
+    failed = False
+    started = utcnow()
+    while True:
+        try:
+            await asyncio.to_thread(stored.ensure_schema)
+            if not failed:
+                n = await asyncio.to_thread(stored.fail_unfinished, state.runner, {
+                    "code": "server_error",
+                    "message": "The server restarted before this response finished; create it again."}, started)
+                failed = True
+                if n:
+                    log.warning("%d response(s) unfinished at the last stop are marked failed", n)
+            before = utcnow() - timedelta(days=settings.response_retention)
+            responses, conversations = await asyncio.to_thread(stored.sweep, before)
+            if responses or conversations:
+                log.info("retention: deleted %d stored response(s) and %d conversation(s) older than %g days",
+                         responses, conversations, settings.response_retention)
+        except Exception as e:  # the database is down: the next round retries
+            state.metrics.log_errors.inc()
+            log.warning("response store upkeep failed (%s: %s); retrying later", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            await asyncio.sleep(10 if not failed else SWEEP_SECONDS)
+            continue
+        await asyncio.sleep(SWEEP_SECONDS)
+
+
+async def stop_background(state: ServerState) -> None:
+    """Background responses still running at shutdown end as failed, and say why."""
+    running = list(state.background.values())
+    for live in running:
+        if live.task is not None:
+            live.task.cancel()
+    await asyncio.gather(*(live.task for live in running if live.task is not None), return_exceptions=True)
+    for live in running:
+        live.obj["status"] = "failed"
+        live.obj["error"] = {"code": "server_error", "message": "The server shut down before this background "
+                             "response finished; create it again."}
+        try:
+            assert state.stored is not None
+            await asyncio.to_thread(state.stored.put_response, live.record())
+        except Exception as e:
+            log.error("background response %s: its failure could not be stored (%s)", live.id, type(e).__name__)
 
 
 def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
@@ -157,6 +216,9 @@ def create_app(
                                        on_dropped=metrics.log_dropped.inc, on_error=metrics.log_errors.inc)
         state.request_log.start()
         log.info("request log: %s", state.request_log.db.url.render_as_string(hide_password=True))
+        state.stored = Stored(state.request_log.db)
+        state.runner = f"{socket.gethostname()}:{settings.port}"
+        sweeper = asyncio.create_task(keep_store(state))
         loading = asyncio.create_task(preload())
         reaper = (asyncio.create_task(registry.unload_idle(settings.idle_unload))
                   if settings.idle_unload is not None else None)
@@ -167,6 +229,8 @@ def create_app(
             if reaper is not None:
                 reaper.cancel()
             await asyncio.gather(loading, return_exceptions=True)
+            sweeper.cancel()
+            await stop_background(state)
             await registry.close()
             state.render_pool.shutdown(wait=False, cancel_futures=True)
             # last: the rows of requests the shutdown ended are in the buffer by now
@@ -180,7 +244,7 @@ def create_app(
     )
     app.state.server = state
     install_handlers(app)
-    for router in (chat.router, completions.router, models.router, tokenize.router, ops.router, admin.router,
+    for router in (chat.router, completions.router, responses.router, conversations.router, models.router, tokenize.router, ops.router, admin.router,
                    admin.usage_router):
         app.include_router(router)
     app.add_middleware(Gate, state=state)

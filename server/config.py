@@ -209,6 +209,10 @@ class Settings:
     database_url: str | None = None  # None: SQLite in the cache folder
     log_content: bool = False  # prompt and answer text in the request log
     request_log_buffer: int = 10000  # rows waiting for the database before they are dropped (counted)
+    # the Responses API: responses with `store` (OpenAI's default) and conversations are kept in the
+    # database; off: nothing is kept, and `store: true` responses say `"store": false`
+    store_responses: bool = True
+    response_retention: float = 30.0  # days a stored response (and an idle conversation) is kept
     # many models (empty: the one --model / the default model)
     models: tuple[ModelSpec, ...] = ()
     aliases: tuple[Alias, ...] = ()
@@ -247,6 +251,8 @@ class Settings:
         if self.kv_cache_space is not None and self.kv_cache_space <= 0:
             raise SettingsError("kv_cache_space", f"must be a positive number of GiB, not {self.kv_cache_space}")
         self._check_positive("request_log_buffer", self.request_log_buffer)
+        if not self.response_retention > 0:
+            raise SettingsError("response_retention", f"must be a positive number of days, not {self.response_retention}")
         if self.database_url is not None and "://" not in self.database_url:
             raise SettingsError("database_url", "must be a SQLAlchemy URL such as sqlite:///requests.db "
                                 "or postgresql+psycopg://user:password@host/dbname")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from server.app import ServerState
 
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/usage", "/v1/admin/models",
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", "/v1/models", "/v1/usage", "/v1/admin/models",
           "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/")
 # paths behind the keys (when keys are configured) besides everything under /v1/
 KEYED = ("/tokenize", "/detokenize")
@@ -47,6 +47,10 @@ def route_label(path: str) -> str:
         return "/v1/admin/models/{model}"
     if path.startswith("/v1/chat/completions/"):
         return "/v1/chat/completions/{id}"
+    for base in ("/v1/responses/", "/v1/conversations/"):
+        if path.startswith(base):
+            return base + "{id}" + ("/items" if "/items" in path else "/input_items" if path.endswith("/input_items")
+                                    else "/cancel" if path.endswith("/cancel") else "")
     return path if path in ROUTES else "other"
 
 
@@ -70,6 +74,8 @@ class Access:
     safety_identifier: str | None = None
     constrained: str | None = None  # what the answer had to match: json, regex, grammar, structural_tag, tools
     tool_calls: int | None = None  # tool calls in the answers
+    # a background response: the gate leaves its accounting to the work that outlives the request
+    deferred: bool = False
 
 
 def access(request: Request) -> Access:
@@ -128,23 +134,26 @@ class Gate:
 
             await self.app(scope, receive, send_with_headers)
         finally:
-            self._account(record, path, status, time.monotonic() - started)
+            if not record.deferred or status >= 400:
+                account(state, record, path, status, time.monotonic() - started)
 
-    def _account(self, record: Access, path: str, status: int, seconds: float) -> None:
-        state = self.state
-        route = route_label(path)
-        state.metrics.requests.labels(route, record.model, str(status)).inc()
-        if state.request_log is not None and (path.startswith("/v1/") or path in LOGGED):
-            state.request_log.record(Row(
-                time=record.arrived, request_id=record.request_id, route=route, status=status,
-                latency_ms=seconds * 1000, key_name=record.key.name if record.key else None,
-                model=record.model or None, engine=record.engine, alias=record.alias,
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                ttft_ms=record.ttft_ms, finish_reason=record.finish_reason, prompt=record.prompt,
-                answer=record.answer, metadata=record.metadata, safety_identifier=record.safety_identifier,
-                constrained=record.constrained, tool_calls=record.tool_calls,
-            ))
-        if record.constrained is not None and 200 <= status < 300:
-            state.metrics.constrained.labels(route, record.model, record.constrained).inc()
-        if record.tool_calls:
-            state.metrics.tool_calls.labels(record.model).inc(record.tool_calls)
+
+def account(state: ServerState, record: Access, path: str, status: int, seconds: float) -> None:
+    """A request's metrics sample and request-log row: once, when it has ended (for a background
+    response, when its work has)."""
+    route = route_label(path)
+    state.metrics.requests.labels(route, record.model, str(status)).inc()
+    if state.request_log is not None and (path.startswith("/v1/") or path in LOGGED):
+        state.request_log.record(Row(
+            time=record.arrived, request_id=record.request_id, route=route, status=status,
+            latency_ms=seconds * 1000, key_name=record.key.name if record.key else None,
+            model=record.model or None, engine=record.engine, alias=record.alias,
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            ttft_ms=record.ttft_ms, finish_reason=record.finish_reason, prompt=record.prompt,
+            answer=record.answer, metadata=record.metadata, safety_identifier=record.safety_identifier,
+            constrained=record.constrained, tool_calls=record.tool_calls,
+        ))
+    if record.constrained is not None and 200 <= status < 300:
+        state.metrics.constrained.labels(route, record.model, record.constrained).inc()
+    if record.tool_calls:
+        state.metrics.tool_calls.labels(record.model).inc(record.tool_calls)

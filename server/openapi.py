@@ -37,6 +37,18 @@ from server.protocol.common import ErrorResponse, Wire, _Request
 from server.protocol.completions import Completion, CompletionRequest
 from server.protocol.models import ModelCard, ModelList
 from server.protocol.ops import Liveness, Readiness, ServerInfo
+from server.protocol.responses import (
+    AddItems,
+    ConversationDeleted,
+    ConversationObject,
+    CreateConversation,
+    CreateResponse,
+    ItemList,
+    Response,
+    ResponseDeleted,
+    StoredItem,
+    UpdateConversation,
+)
 from server.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -63,6 +75,7 @@ ERRORS = {
 }
 GENERATE = (400, 401, 404, 413, 429, 499, 500, 503, 507)
 TOKENIZE = (400, 401, 404, 413, 499, 503, 507)
+STORED = (400, 401, 404, 503)  # 404: not stored, or another key's; 503: the database is down
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,44 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("post", "/detokenize"): Route(
         "Token ids back to text", {200: (DetokenizeResponse, "The text.")},
         DetokenizeRequest, {"model": MODEL, "tokens": [19556, 28, 905, 17]}, errors=TOKENIZE),
+    ("post", "/v1/responses"): Route(
+        "Create a response",
+        {200: (Response, "The response (`stream` false or absent); `background`: queued, poll GET.")},
+        CreateResponse, {"model": MODEL, "max_output_tokens": 16, "instructions": "Answer in one sentence.",
+                         "input": "What is the capital of France?"},
+        errors=GENERATE),
+    ("get", "/v1/responses/{response_id}"): Route(
+        "Retrieve a stored response", {200: (Response, "The response; `stream=true`: a background response's "
+                                                      "events (after `starting_after`).")}, errors=STORED),
+    ("delete", "/v1/responses/{response_id}"): Route(
+        "Delete a stored response", {200: (ResponseDeleted, "Deleted.")}, errors=STORED),
+    ("post", "/v1/responses/{response_id}/cancel"): Route(
+        "Cancel a background response", {200: (Response, "The response, cancelled.")}, errors=(*STORED, 409)),
+    ("get", "/v1/responses/{response_id}/input_items"): Route(
+        "A stored response's input items", {200: (ItemList, "A page of items.")}, errors=STORED),
+    ("post", "/v1/conversations"): Route(
+        "Create a conversation", {200: (ConversationObject, "The conversation.")}, CreateConversation,
+        {"metadata": {"topic": "demo"}, "items": [{"type": "message", "role": "user", "content": "Hello!"}]},
+        errors=(400, 401, 413, 503)),
+    ("get", "/v1/conversations"): Route(
+        "List your conversations (this server's extension)", {200: (ItemList, "A page of conversations, newest "
+                                                                              "first.")}, errors=(400, 401, 503)),
+    ("get", "/v1/conversations/{conversation_id}"): Route(
+        "Retrieve a conversation", {200: (ConversationObject, "The conversation.")}, errors=STORED),
+    ("post", "/v1/conversations/{conversation_id}"): Route(
+        "Update a conversation's metadata", {200: (ConversationObject, "The conversation.")}, UpdateConversation,
+        {"metadata": {"topic": "demo"}}, errors=(*STORED, 413)),
+    ("delete", "/v1/conversations/{conversation_id}"): Route(
+        "Delete a conversation", {200: (ConversationDeleted, "Deleted, with its items.")}, errors=STORED),
+    ("get", "/v1/conversations/{conversation_id}/items"): Route(
+        "A conversation's items", {200: (ItemList, "A page of items.")}, errors=STORED),
+    ("post", "/v1/conversations/{conversation_id}/items"): Route(
+        "Add items to a conversation", {200: (ItemList, "The items added.")}, AddItems,
+        {"items": [{"type": "message", "role": "user", "content": "Hello!"}]}, errors=(*STORED, 413)),
+    ("get", "/v1/conversations/{conversation_id}/items/{item_id}"): Route(
+        "One item of a conversation", {200: (StoredItem, "The item.")}, errors=STORED),
+    ("delete", "/v1/conversations/{conversation_id}/items/{item_id}"): Route(
+        "Delete an item of a conversation", {200: (ConversationObject, "The conversation.")}, errors=STORED),
     ("get", "/v1/models"): Route("List the models", {200: (ModelList, "Every name a request may use now.")},
                                  errors=(401,)),
     ("get", "/v1/models/{model_id}"): Route("Retrieve a model", {200: (ModelCard, "The model or alias.")},

@@ -1,4 +1,6 @@
-"""The one place that frames Server-Sent Events: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`.
+"""The one place that frames Server-Sent Events: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`
+(chat, completions), or named events without `[DONE]` (`event: response.created\\ndata: {json}`,
+the Responses API's framing: an item `(name, json)` of the iterator is a named event).
 
 `stream` takes an async iterator of JSON strings (one per event). If the iterator raises after
 the response has started, the client gets one `data: {"error": {...}}` event in OpenAI's error
@@ -25,14 +27,14 @@ DONE = "[DONE]"
 PING_SECONDS = 15
 
 
-def _event(data: str) -> ServerSentEvent:
-    return ServerSentEvent(data=data, sep="\n")
+def _event(data: str, name: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(data=data, event=name, sep="\n")
 
 
-async def _frames(events: AsyncIterator[str]) -> AsyncIterator[ServerSentEvent]:
+async def _frames(events: AsyncIterator[str] | AsyncIterator[tuple[str, str]], done: bool) -> AsyncIterator[ServerSentEvent]:
     try:
-        async for data in events:
-            yield _event(data)
+        async for item in events:
+            yield _event(item[1], item[0]) if isinstance(item, tuple) else _event(item)
     except APIError as e:
         if e.status_code >= 500:
             log.error("stream failed: %s", e.message)
@@ -42,14 +44,16 @@ async def _frames(events: AsyncIterator[str]) -> AsyncIterator[ServerSentEvent]:
         log.exception("stream failed")
         yield _event(json.dumps(EngineError(f"Internal server error: {type(e).__name__}: {e}").to_dict()))
         return
-    yield _event(DONE)
+    if done:
+        yield _event(DONE)
 
 
-def stream(events: AsyncIterator[str], headers: dict[str, str] | None = None,
-           on_close: Callable[[], None] | None = None) -> EventSourceResponse:
-    """`on_close` runs after the response, however it ended (also if `events` never started)."""
+def stream(events: AsyncIterator[str] | AsyncIterator[tuple[str, str]], headers: dict[str, str] | None = None,
+           on_close: Callable[[], None] | None = None, done: bool = True) -> EventSourceResponse:
+    """`on_close` runs after the response, however it ended (also if `events` never started);
+    `done`: end with `data: [DONE]` (not in the Responses API)."""
     return EventSourceResponse(
-        _frames(events),
+        _frames(events, done),
         sep="\n",
         ping=PING_SECONDS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -45,10 +46,35 @@ ROUTE = "/v1/chat/completions"
 @router.post(ROUTE, response_model=None)
 async def create(request: Request) -> Response:
     body = await pipeline.parse(request, ChatCompletionRequest)
+    rid = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
+    started = await start(request, body, ROUTE, rid)
+    target, run = started.target, started.run
+    head = envelope.head(target, rid)
+    if body.stream:
+        return sse.stream(_chunks(request, target, body, head, run), on_close=run.close)
+    return await run.finish(request, lambda: _whole(request, target, body, head, run))
+
+
+@dataclass
+class Started:
+    """A chat generation admitted and ready to run: the Responses API renders the same runs."""
+
+    target: pipeline.Target
+    run: pipeline.Run
+    tool_names: list[str] | None  # the tools the answer may call (None: it calls none)
+
+    def parser(self) -> tools.Parser:
+        return tools.Parser(self.target.tool_format, self.tool_names or [])
+
+
+async def start(request: Request, body: ChatCompletionRequest, route: str, rid: str,
+                prompt_param: str = "messages") -> Started:
+    """Resolve, render, check and admit a chat request (every refusal happens here, before any
+    token is generated or streamed)."""
     cap = request.app.state.server.settings.max_messages
     if len(body.messages) > cap:
         raise InvalidRequest(f"Too many messages: {len(body.messages)}; this server takes at most {cap}.",
-                             param="messages")
+                             param=prompt_param)
     constraint = body.constraint(body.response_format)
     target = await pipeline.resolve(request, body.model, body.user)
     tool_list = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
@@ -74,16 +100,12 @@ async def create(request: Request) -> Response:
     max_tokens, param = body.requested_max_tokens()
     top = (body.top_logprobs or 0) if body.logprobs else None
     gen = pipeline.Generation(
-        route=ROUTE, prompts=[prompt], spec=body.sampling(top, body.prompt_logprobs, constraint), n=body.n or 1,
+        route=route, prompts=[prompt], spec=body.sampling(top, body.prompt_logprobs, constraint), n=body.n or 1,
         max_tokens=max_tokens, max_tokens_param=param, truncate_prompt_tokens=body.truncate_prompt_tokens,
-        truncation_side=body.truncation_side or "left", prompt_param="messages", logprobs_param="top_logprobs",
+        truncation_side=body.truncation_side or "left", prompt_param=prompt_param, logprobs_param="top_logprobs",
         log_prompt=lambda: json.dumps(messages), metadata=body.metadata, safety_identifier=body.safety_identifier)
-    rid = f"chatcmpl-{body.request_id or uuid.uuid4().hex}"
     run = await pipeline.start(request, target, gen, rid)
-    head = envelope.head(target, rid)
-    if body.stream:
-        return sse.stream(_chunks(request, target, body, head, run), on_close=run.close)
-    return await run.finish(request, lambda: _whole(request, target, body, head, run))
+    return Started(target, run, [t.function.name for t in body.tools or []] if body.calls_tools else None)
 
 
 async def _whole(request: Request, target: pipeline.Target, body: ChatCompletionRequest, head: dict[str, Any],
