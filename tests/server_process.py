@@ -18,8 +18,9 @@ __all__ = ["LOG_DIR", "ROOT", "ServerProcess", "free_port"]
 class ServerProcess(servers.ServerProcess):
     """`llm-service serve ARGS` on a free port, its output and request log in LOG_DIR."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, name: str = "server") -> None:
-        port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, name: str = "server",
+                 port: int | None = None) -> None:
+        port = port or free_port()  # a restart takes its predecessor's port
         if "--database-url" not in args:  # each test server logs requests into its own file
             args = (*args, "--database-url", f"sqlite:///{LOG_DIR / f'{name}-{port}.requests.db'}")
         cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args]

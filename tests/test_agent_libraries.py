@@ -2,7 +2,8 @@
 
 Each test drives a library the way its docs show, against the live session server (both
 engines): langchain-openai's `ChatOpenAI`, instructor (TOOLS and JSON_SCHEMA modes), pydantic-ai's
-`Agent` over `OpenAIChatModel`, and the `openai` SDK's own `parse` / `stream` helpers. Decoding is grammar-constrained, so even the 135M
+`Agent` over `OpenAIChatModel`, the `openai` SDK's own `parse` / `stream` helpers, and the
+openai-agents SDK with its default model (the Responses API) running agents to a final output. Decoding is grammar-constrained, so even the 135M
 model's JSON and tool arguments must parse and validate against the schema the library sent.
 The schemas bound every string and list, so an answer at temperature 0 ends well inside the
 token budget. No retries anywhere: one request per test, and a bad answer fails it.
@@ -220,3 +221,42 @@ def test_instructor_response_model(server: ServerProcess, mode: instructor.Mode)
     pet = client.chat.completions.create(model=MODEL, response_model=Pet, max_retries=0, temperature=0,
                                          max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": PET_PROMPT}])
     assert isinstance(pet, Pet)
+
+
+# ------------------------------------------------------------------------------ openai-agents (Responses API)
+
+
+def _agents_model(server: ServerProcess) -> object:
+    from agents import OpenAIResponsesModel, set_tracing_disabled
+
+    set_tracing_disabled(True)  # no traces to OpenAI's servers
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=TIMEOUT)
+    return OpenAIResponsesModel(model=MODEL, openai_client=client)
+
+
+async def test_openai_agents_structured_final_output(server: ServerProcess) -> None:
+    from agents import Agent, ModelSettings, Runner
+
+    agent = Agent(name="pets", instructions="Describe a pet.", model=_agents_model(server), output_type=Pet,
+                  model_settings=ModelSettings(temperature=0, max_tokens=MAX_TOKENS))
+    result = await Runner.run(agent, "Tell me about a cat named Tom.", max_turns=1)
+    assert isinstance(result.final_output, Pet)
+
+
+async def test_openai_agents_runs_a_tool_to_a_final_output(server: ServerProcess) -> None:
+    from agents import Agent, ModelSettings, Runner, function_tool
+
+    asked: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        asked.append(city)
+        return f"Sunny and 21 C in {city}."
+
+    agent = Agent(name="weather", instructions="Use the tool to answer.", model=_agents_model(server),
+                  tools=[get_weather], tool_use_behavior="stop_on_first_tool",
+                  model_settings=ModelSettings(temperature=0, max_tokens=MAX_TOKENS, tool_choice="required",
+                                               parallel_tool_calls=False))
+    result = await Runner.run(agent, "What is the weather in Paris?", max_turns=2)
+    assert len(asked) == 1 and result.final_output == f"Sunny and 21 C in {asked[0]}."
