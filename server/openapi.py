@@ -46,6 +46,7 @@ from server.protocol.responses import (
     ItemList,
     Response,
     ResponseDeleted,
+    ResponseStreamEvent,
     StoredItem,
     UpdateConversation,
 )
@@ -112,7 +113,7 @@ ROUTES: dict[tuple[str, str], Route] = {
         {200: (Response, "The response (`stream` false or absent); `background`: queued, poll GET.")},
         CreateResponse, {"model": MODEL, "max_output_tokens": 16, "instructions": "Answer in one sentence.",
                          "input": "What is the capital of France?"},
-        errors=GENERATE),
+        stream=ResponseStreamEvent, errors=GENERATE),
     ("get", "/v1/responses/{response_id}"): Route(
         "Retrieve a stored response", {200: (Response, "The response; `stream=true`: a background response's "
                                                       "events (after `starting_after`).")}, errors=STORED),
@@ -224,6 +225,16 @@ def _as_sent(out: JsonSchemaValue, cls: type[Wire]) -> None:
 def _sse(chunk: type[BaseModel]) -> dict[str, Any]:
     # OpenAPI 3.1 has no schema for the items of a stream: `schema` describes one event, as
     # OpenAPI 3.2's `itemSchema` does (and as schemathesis reads it)
+    if chunk is ResponseStreamEvent:  # the Responses API's: named events, no [DONE]
+        return {"schema": {
+            "type": "object",
+            "required": ["event", "data"],
+            "description": "One Server-Sent Event (`stream: true`): `event` is the type of `data`, a "
+                           "ResponseStreamEvent as JSON. The stream ends with `response.completed`, "
+                           "`response.incomplete`, `response.failed` or `error`.",
+            "properties": {"event": {"type": "string"},
+                           "data": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"$ref": REF.format(model=chunk.__name__)}}}}}
     return {"schema": {
         "type": "object",
         "required": ["data"],

@@ -13,7 +13,10 @@ import schemathesis
 
 MODEL = os.environ.get("LLM_SERVICE_TEST_FUZZ_MODEL", "smollm2-135m-instruct")
 ERROR_KEYS = {"message", "type", "param", "code"}
-CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion"}
+CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion",
+          "/v1/responses": "ResponseStreamEvent"}
+# how a Responses stream ends (it has no [DONE])
+LAST_EVENTS = ("response.completed", "response.incomplete", "response.failed", "error")
 
 
 @schemathesis.hook
@@ -48,6 +51,9 @@ def stream_chunks(ctx: schemathesis.CheckContext, response: schemathesis.Respons
     chunk = jsonschema.Draft202012Validator(
         {"$ref": f"#/components/schemas/{CHUNKS[case.operation.path]}", "components": raw["components"]})
     frames = [line[6:] for line in response.content.decode().splitlines() if line.startswith("data: ")]
+    if case.operation.path == "/v1/responses":
+        assert frames and json.loads(frames[-1])["type"] in LAST_EVENTS, f"the stream ends with {frames[-1:]}"
+        frames.append("[DONE]")
     assert frames and frames[-1] == "[DONE]", f"the stream does not end with [DONE]: {frames[-1:]}"
     for frame in frames[:-1]:
         errors = sorted(chunk.iter_errors(json.loads(frame)), key=str)

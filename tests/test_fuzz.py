@@ -1,10 +1,12 @@
 """Schemathesis against a live server (the Transformers engine; LLM_SERVICE_TEST_FUZZ_ENGINE=vllm for
 vLLM's), driven by the server's own /openapi.json.
 
-Every route but the admin API (it loads and unloads models) and /metrics (not in the document)
-gets the document's examples and random requests, valid and invalid. No answer may be a 5xx; each
-must have a documented status, content type and body; every 4xx is OpenAI's error shape; a
-stream's events are chunks of the documented schema ending in [DONE] (tests/fuzz_hooks.py, which
+Every route but the admin API (it loads and unloads models), the routes of one stored response or
+conversation (random ids only find 404s) and /metrics (not in the document) gets the document's
+examples and random requests, valid and invalid. No answer may be a 5xx; each must have a
+documented status, content type and body; every 4xx is OpenAI's error shape; a stream's events are
+chunks of the documented schema ending in [DONE], or a Responses stream's final event
+(tests/fuzz_hooks.py, which
 also makes generated requests name the served model so that they reach the engine rather than
 stop at a 404).
 
@@ -39,7 +41,9 @@ EXAMPLES = int(os.environ.get("LLM_SERVICE_TEST_FUZZ_EXAMPLES", "150"))
 PHASES = "examples,coverage,fuzzing" if WIDE else "examples,fuzzing"
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "error_shape", "stream_chunks")  # the last two: fuzz_hooks
-FUZZED = 11  # the routes in /openapi.json less the admin API's five
+# the routes in /openapi.json less the admin API's five and those of one stored response or conversation
+# (random ids: each only a 404; tests/conformance/test_responses.py drives them)
+FUZZED = 14
 # CI fuzzes the Transformers engine (both venvs have it); LLM_SERVICE_TEST_FUZZ_ENGINE=vllm for vLLM's
 ENGINE = os.environ.get("LLM_SERVICE_TEST_FUZZ_ENGINE", "transformers")
 
@@ -60,7 +64,7 @@ def test_schemathesis_finds_no_failure(fuzz_server: ServerProcess, tmp_path: Pat
     report = tmp_path / "report.json"
     cmd = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_server.url}/openapi.json",
-        "--exclude-path-regex", "^/v1/admin/",
+        "--exclude-path-regex", "^/v1/(admin|responses|conversations)/",
         "--phases", PHASES,
         "--checks", ",".join(CHECKS),
         "--generation-deterministic", "--max-examples", str(EXAMPLES), "--workers", "1",

@@ -48,7 +48,17 @@ def _check(doc: dict[str, Any], method: str, path: str, r: httpx.Response) -> No
     assert str(r.status_code) in responses, f"{method.upper()} {path}: undocumented {r.status_code}"
     media = r.headers["content-type"].split(";")[0]
     schema = responses[str(r.status_code)]["content"][media]["schema"]
-    if media == "text/event-stream":
+    if media == "text/event-stream" and "event" in schema["properties"]:  # named events (Responses)
+        lines = r.text.splitlines()
+        names = [line[7:] for line in lines if line.startswith("event: ")]
+        frames = [line[6:] for line in lines if line.startswith("data: ")]
+        event = _validator(doc, schema)
+        data = _validator(doc, schema["properties"]["data"]["contentSchema"])
+        assert len(names) == len(frames) and names[-1] in ("response.completed", "response.incomplete")
+        for name, frame in zip(names, frames, strict=True):
+            event.validate({"event": name, "data": frame})
+            data.validate(json.loads(frame))
+    elif media == "text/event-stream":
         frames = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         assert frames[-1] == "[DONE]"
         event = _validator(doc, schema)
@@ -77,7 +87,8 @@ def test_every_route_is_described(doc: dict[str, Any]) -> None:
     assert served == set(ROUTES)
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            assert ("requestBody" in op) == (method == "post"), f"{method} {path}"
+            takes_body = method == "post" and not path.endswith("/cancel")  # cancel: a POST with no body
+            assert ("requestBody" in op) == takes_body, f"{method} {path}"
             assert "422" not in op["responses"]  # validation errors are 400s in OpenAI's shape
             for status, response in op["responses"].items():
                 assert response["content"], f"{method} {path} {status}"
@@ -87,7 +98,7 @@ def test_every_route_is_described(doc: dict[str, Any]) -> None:
 
 def test_examples_fit_their_schemas(doc: dict[str, Any]) -> None:
     for item in doc["paths"].values():
-        if "post" in item:
+        if "requestBody" in item.get("post", {}):
             media = item["post"]["requestBody"]["content"]["application/json"]
             _validator(doc, media["schema"]).validate(media["example"])
     assert doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"][
@@ -120,6 +131,18 @@ def _sdk_bodies() -> list[tuple[str, dict[str, Any]]]:
         lambda: sdk.completions.create(model=MODEL, prompt=["Once", "Twice"], max_tokens=8, echo=True, logprobs=2,
                                        best_of=1, suffix=None, extra_body={"return_token_ids": True}),
         lambda: sdk.completions.create(model=MODEL, prompt=[[1, 2, 3]], max_tokens=4),
+        lambda: sdk.responses.create(
+            model=MODEL, instructions="Be brief.", max_output_tokens=16, temperature=0.5, top_p=0.9,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                   {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                   {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}],
+            tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}, "strict": True}],
+            tool_choice="auto", parallel_tool_calls=False, include=["message.output_text.logprobs"], top_logprobs=2,
+            text={"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}}},
+            store=True, metadata={"team": "a"}, user="u-1", truncation="auto", reasoning={"effort": "low"},
+            stream=True, stream_options={"include_obfuscation": False}),
+        lambda: sdk.conversations.create(items=[{"type": "message", "role": "user", "content": "Hi"}],
+                                         metadata={"topic": "x"}),
     ]
     for call in calls:
         with pytest.raises(openai.InternalServerError):
@@ -129,7 +152,8 @@ def _sdk_bodies() -> list[tuple[str, dict[str, Any]]]:
 
 def test_the_sdks_requests_fit_the_request_schemas(doc: dict[str, Any]) -> None:
     bodies = _sdk_bodies()
-    assert [p for p, _ in bodies] == ["/v1/chat/completions", "/v1/completions", "/v1/completions"]
+    assert [p for p, _ in bodies] == ["/v1/chat/completions", "/v1/completions", "/v1/completions", "/v1/responses",
+                                      "/v1/conversations"]
     for path, body in bodies:
         _request_schema(doc, "post", path).validate(body)
     chat = _request_schema(doc, "post", "/v1/chat/completions")
@@ -152,6 +176,12 @@ def test_answers_fit_the_response_schemas(doc: dict[str, Any], client: TestClien
         (("post", "/tokenize"), {"prompt": "hello", "return_token_strs": True}),
         (("post", "/tokenize"), {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
         (("post", "/detokenize"), {"tokens": [100, 101]}),
+        (("post", "/v1/responses"), {"model": MODEL, "input": "hi", "max_output_tokens": 3, "metadata": {"a": "b"}}),
+        (("post", "/v1/responses"), {"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": True}),
+        (("post", "/v1/responses"), {"model": MODEL, "input": "hi", "max_output_tokens": 3, "store": False}),
+        (("post", "/v1/conversations"), {"items": [{"role": "user", "content": "hi"}], "metadata": {"a": "b"}}),
+        (("post", "/v1/responses"), {"model": MODEL}),
+        (("post", "/v1/responses"), {"model": MODEL, "input": "hi", "previous_response_id": "resp_nowhere"}),
         # errors: OpenAI's shape, each status documented for its route
         (chat, {**CHAT, "n": 0}),
         (chat, {**CHAT, "model": "nope"}),
@@ -162,6 +192,13 @@ def test_answers_fit_the_response_schemas(doc: dict[str, Any], client: TestClien
         with client.stream(method.upper(), path, json=body) as r:
             r.read()
         _check(doc, method, path, r)
+    for path in ("/v1/conversations", "/v1/conversations?limit=0", "/v1/responses/resp_nowhere",
+                 "/v1/conversations/conv_nowhere/items"):
+        r = client.get(path)
+        route = {"/v1/responses/resp_nowhere": "/v1/responses/{response_id}",
+                 "/v1/conversations/conv_nowhere/items": "/v1/conversations/{conversation_id}/items"}.get(
+            path, path.split("?")[0])
+        _check(doc, "get", route, r)
     for path in ("/v1/models", f"/v1/models/{MODEL}", "/v1/models/nope", "/v1/usage", "/v1/usage?start=x",
                  "/health", "/ready", "/live", "/", "/v1/admin/models", f"/v1/admin/models/{MODEL}",
                  "/v1/admin/models/nope", "/v1/admin/system"):

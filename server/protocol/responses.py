@@ -552,6 +552,16 @@ class Response(Wire):
     service_tier: str = "default"
 
 
+class ResponseStreamEvent(Wire):
+    """One event of a Responses stream (`event:` names its `type`); the rest of its fields are
+    those of OpenAI's event of that type (`response.output_text.delta`: item_id, output_index,
+    content_index, delta, logprobs; ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int
+
+
 class ResponseDeleted(Wire):
     id: str
     object: Literal["response.deleted"] = "response.deleted"
