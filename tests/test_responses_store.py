@@ -183,3 +183,32 @@ def test_storage_off_and_a_database_that_fails(tmp_path: Path) -> None:
         assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False).store is False
     finally:
         proc.stop()
+
+
+def test_the_request_log_has_one_row_per_response(keyed: ServerProcess, database: str) -> None:
+    alice = _client(keyed, ALICE)
+    whole = alice.responses.with_raw_response.create(model=MODEL, input="Hi", max_output_tokens=3,
+                                                      extra_headers={"x-request-id": "resp-log-1"}).parse()
+    queued = alice.responses.create(model=MODEL, input="Hi", max_output_tokens=3, background=True,
+                                    extra_headers={"x-request-id": "resp-log-2"})
+    deadline = time.monotonic() + 60
+    while alice.responses.retrieve(queued.id).status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done = alice.responses.retrieve(queued.id)
+    db = sa.create_engine(database)
+    try:
+        rows: list[sa.Row] = []
+        while time.monotonic() < deadline:  # the request log is written off the request path
+            with db.connect() as conn:
+                rows = list(conn.execute(sa.text(
+                    "SELECT request_id, route, status, key_name, completion_tokens FROM llm_requests "
+                    "WHERE request_id IN ('resp-log-1', 'resp-log-2') ORDER BY request_id")))
+            if len(rows) == 2:
+                break
+            time.sleep(0.2)
+    finally:
+        db.dispose()
+    # a background response is one row too, written when its work ended, with its tokens
+    assert [tuple(r) for r in rows] == [
+        ("resp-log-1", "/v1/responses", 200, "alice", whole.usage.output_tokens),
+        ("resp-log-2", "/v1/responses", 200, "alice", done.usage.output_tokens)]
