@@ -379,7 +379,7 @@ async def generate(request: Request, live: Live, started: chat.Started, logprobs
         for e in output.end(complete, "incomplete" if status == "incomplete" else "completed"):
             yield e
         obj["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # the client left, or a background response was cancelled
         status = "cancelled"
         output.end(set(), "incomplete")
         raise
@@ -422,7 +422,12 @@ async def persist(request: Request, live: Live, quiet: bool = False) -> None:
             await stored(request, lambda: state.stored.put_response(live.record()))
         if conversation is not None and live.obj["status"] in ("completed", "incomplete"):
             items = [(item["id"], item) for item in live.input + live.obj["output"]]
-            await stored(request, lambda: state.stored.add_items(conversation["id"], Viewer(live.owner, all=True), items))
+            # the request could read the conversation when it began (so its key may write it)
+            added = await stored(request, lambda: state.stored.add_items(conversation["id"], Viewer(live.owner, all=True),
+                                                                          items))
+            if not added:
+                log.warning("response %s: conversation %s was deleted while it ran; its items are not kept",
+                            live.id, conversation["id"])
     except APIError:
         if not quiet:
             raise
