@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 from tests.server_process import ServerProcess
 
@@ -55,3 +58,23 @@ def aclient(server: ServerProcess) -> openai.AsyncOpenAI:
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
+
+
+# a PostgreSQL server where tests may create databases (`.ci/run` starts one: .ci/postgres.sh)
+POSTGRES = os.environ.get("LLM_SERVICE_TEST_POSTGRES")
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database on `POSTGRES`, dropped afterwards."""
+    assert POSTGRES is not None
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    server = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield sa.engine.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with server.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        server.dispose()

@@ -21,11 +21,11 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, POSTGRES, postgres_database
 from tests.server_process import ServerProcess
 
 ADMIN, ALICE, BOB = "sk-admin-000001", "sk-alice-000002", "sk-bob-00000003"
-POSTGRES = os.environ.get("LLM_SERVICE_TEST_POSTGRES")
+
 
 
 def _client(server: ServerProcess, key: str = "none") -> openai.OpenAI:
@@ -48,16 +48,8 @@ def database() -> Iterator[str]:
     if not POSTGRES:
         yield f"sqlite:///{Path(os.environ.get('TMPDIR', '/tmp')) / f'responses-{uuid.uuid4().hex[:8]}.db'}"
         return
-    name = f"llm_responses_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield sa.engine.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    with postgres_database("llm_responses") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ locked database retried and then reported."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -30,8 +28,8 @@ from server.store import (
     engine_for,
     utcnow,
 )
+from tests.conftest import POSTGRES, postgres_database
 
-POSTGRES = os.environ.get("LLM_SERVICE_TEST_POSTGRES")
 ADMIN, ALICE, BOB = Viewer("ops", all=True), Viewer("alice"), Viewer("bob")
 
 
@@ -43,16 +41,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     if not POSTGRES:
         pytest.skip("LLM_SERVICE_TEST_POSTGRES is not set (.ci/run sets it)")
-    name = f"llm_test_{uuid.uuid4().hex[:8]}"
-    server = sa.create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with server.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield sa.engine.make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with server.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        server.dispose()
+    with postgres_database("llm_test") as url:
+        yield url
 
 
 @pytest.fixture

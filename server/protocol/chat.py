@@ -228,6 +228,19 @@ def _loads(arguments: str) -> Any:
         return arguments
 
 
+def refuse_other_tool_choices(data: Any, named: str) -> Any:
+    """A `tool_choice` object other than a named function is refused by its type (a request's
+    before-validator; `named` shows the surface's named form)."""
+    choice = data.get("tool_choice") if isinstance(data, dict) else None
+    if isinstance(choice, dict) and choice.get("type") != "function":
+        kind = str(choice.get("type"))[:40]
+        why = {"allowed_tools": "Restricting the tools per request is not supported: send only the allowed tools "
+                                "in 'tools' (with tool_choice 'auto' or 'required')."}.get(
+            kind, f"Only function tools are supported: a named choice is {named}.")
+        raise UnsupportedParameter(f"tool_choice.{kind}", why)
+    return data
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -268,14 +281,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _tool_choice_kind(cls, data: Any) -> Any:
-        choice = data.get("tool_choice") if isinstance(data, dict) else None
-        if isinstance(choice, dict) and choice.get("type") != "function":
-            kind = str(choice.get("type"))[:40]
-            why = {"allowed_tools": "Restricting the tools per request is not supported: send only the allowed tools "
-                                    "in 'tools' (with tool_choice 'auto' or 'required')."}.get(
-                kind, "Only function tools are supported: a named choice is {'type': 'function', 'function': {'name': ...}}.")
-            raise UnsupportedParameter(f"tool_choice.{kind}", why)
-        return data
+        return refuse_other_tool_choices(data, "{'type': 'function', 'function': {'name': ...}}")
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:

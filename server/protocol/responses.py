@@ -17,7 +17,13 @@ from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, mod
 from server import structured
 from server.engines.base import Constraint
 from server.errors import InvalidRequest, UnsupportedParameter
-from server.protocol.chat import FUNCTION_NAME, NO_MULTIMODAL, PromptCacheBreakpoint, Tool
+from server.protocol.chat import (
+    FUNCTION_NAME,
+    NO_MULTIMODAL,
+    PromptCacheBreakpoint,
+    Tool,
+    refuse_other_tool_choices,
+)
 from server.protocol.common import (
     INT32_MAX,
     MAX_TOKEN_LIST,
@@ -391,14 +397,7 @@ class CreateResponse(_Request):
     @model_validator(mode="before")
     @classmethod
     def _tool_choice_kind(cls, data: Any) -> Any:
-        choice = data.get("tool_choice") if isinstance(data, dict) else None
-        if isinstance(choice, dict) and choice.get("type") != "function":
-            kind = str(choice.get("type"))[:40]
-            why = ("Restricting the tools per request is not supported: send only the allowed tools in 'tools'."
-                   if kind == "allowed_tools" else "Only function tools are supported: a named choice is "
-                   "{'type': 'function', 'name': ...}.")
-            raise UnsupportedParameter(f"tool_choice.{kind}", why)
-        return data
+        return refuse_other_tool_choices(data, "{'type': 'function', 'name': ...}")
 
     def items(self) -> list[dict[str, Any]]:
         """The input as stored items (a string is one user message)."""
