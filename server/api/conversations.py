@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import timezone
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from server import pipeline
@@ -34,7 +34,13 @@ from server.protocol.responses import (
 )
 from server.store import Conversation, utcnow
 
-router = APIRouter()
+
+async def _storage_on(request: Request) -> None:
+    check_storage(request, "A conversation")
+
+
+# every route here needs the store: one check, before any of them runs
+router = APIRouter(dependencies=[Depends(_storage_on)])
 ROUTE = "/v1/conversations"
 
 
@@ -59,7 +65,6 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> Response:
 
 @router.post(ROUTE, response_model=None)
 async def create(request: Request) -> Response:
-    check_storage(request, "A conversation")
     body = await pipeline.parse(request, CreateConversation)
     key = access(request).key
     conversation = Conversation(id=new_id("conv"), owner=key.name if key is not None else None, created=utcnow(),
@@ -75,7 +80,6 @@ async def list_conversations(request: Request, limit: int = 20, after: str | Non
                              order: Literal["asc", "desc"] = "desc") -> Response:
     """Not in OpenAI's API (it cannot list conversations): ours, for chat pages. Only the
     caller's key's own (an admin key's: all), newest first."""
-    check_storage(request, "Listing conversations")
     db = request.app.state.server.stored
     try:
         found, more = await stored(request, lambda: db.list_conversations(viewer(request), _limit(limit), after, order))
@@ -86,7 +90,6 @@ async def list_conversations(request: Request, limit: int = 20, after: str | Non
 
 @router.get(ROUTE + "/{conversation_id}", response_model=None)
 async def retrieve(request: Request, conversation_id: str) -> Response:
-    check_storage(request, "A conversation")
     db = request.app.state.server.stored
     found = await stored(request, lambda: db.get_conversation(conversation_id, viewer(request)))
     if found is None:
@@ -96,7 +99,6 @@ async def retrieve(request: Request, conversation_id: str) -> Response:
 
 @router.post(ROUTE + "/{conversation_id}", response_model=None)
 async def update(request: Request, conversation_id: str) -> Response:
-    check_storage(request, "A conversation")
     body = await pipeline.parse(request, UpdateConversation)
     db = request.app.state.server.stored
     found = await stored(request, lambda: db.update_conversation(conversation_id, viewer(request), body.metadata))
@@ -107,7 +109,6 @@ async def update(request: Request, conversation_id: str) -> Response:
 
 @router.delete(ROUTE + "/{conversation_id}", response_model=None)
 async def delete(request: Request, conversation_id: str) -> Response:
-    check_storage(request, "A conversation")
     db = request.app.state.server.stored
     if not await stored(request, lambda: db.delete_conversation(conversation_id, viewer(request))):
         raise _not_found(conversation_id)
@@ -117,7 +118,6 @@ async def delete(request: Request, conversation_id: str) -> Response:
 @router.get(ROUTE + "/{conversation_id}/items", response_model=None)
 async def list_items(request: Request, conversation_id: str, limit: int = 20, after: str | None = None,
                      order: Literal["asc", "desc"] = "desc") -> Response:
-    check_storage(request, "A conversation")
     db = request.app.state.server.stored
     try:
         found = await stored(request, lambda: db.list_items(conversation_id, viewer(request), _limit(limit), after, order))
@@ -130,7 +130,6 @@ async def list_items(request: Request, conversation_id: str, limit: int = 20, af
 
 @router.post(ROUTE + "/{conversation_id}/items", response_model=None)
 async def add_items(request: Request, conversation_id: str) -> Response:
-    check_storage(request, "A conversation")
     body = await pipeline.parse(request, AddItems)
     items = [item.item() for item in body.items]
     db = request.app.state.server.stored
@@ -141,7 +140,6 @@ async def add_items(request: Request, conversation_id: str) -> Response:
 
 @router.get(ROUTE + "/{conversation_id}/items/{item_id}", response_model=None)
 async def get_item(request: Request, conversation_id: str, item_id: str) -> Response:
-    check_storage(request, "A conversation")
     db = request.app.state.server.stored
     found = await stored(request, lambda: db.get_item(conversation_id, item_id, viewer(request)))
     if found is None:
@@ -152,7 +150,6 @@ async def get_item(request: Request, conversation_id: str, item_id: str) -> Resp
 
 @router.delete(ROUTE + "/{conversation_id}/items/{item_id}", response_model=None)
 async def delete_item(request: Request, conversation_id: str, item_id: str) -> Response:
-    check_storage(request, "A conversation")
     db = request.app.state.server.stored
     if not await stored(request, lambda: db.delete_item(conversation_id, item_id, viewer(request))):
         raise NotFound(f"Item with id '{item_id[:128]}' not found in conversation '{conversation_id[:128]}'.",

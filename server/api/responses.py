@@ -53,7 +53,6 @@ from server.store import ChainTooLong, MissingAncestor, StoredResponse, Viewer, 
 log = logging.getLogger(__name__)
 router = APIRouter()
 ROUTE = "/v1/responses"
-TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 # a stream's last event (a cancelled response's stream just ends: OpenAI has no event for it)
 FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed", "error")
 T = TypeVar("T")
@@ -110,10 +109,6 @@ class Live:
     @property
     def id(self) -> str:
         return str(self.obj["id"])
-
-    @property
-    def done(self) -> bool:
-        return self.obj["status"] in TERMINAL
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         e = {"type": kind, **fields, "sequence_number": self.seq}
