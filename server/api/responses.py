@@ -467,7 +467,7 @@ async def create(request: Request) -> Response:
     if keep:  # the database takes it before any token is generated, or the client hears why not
         try:
             await stored(request, lambda: state.stored.put_response(live.record()))
-        except APIError:
+        except BaseException:  # refused, or the client left while it was written: the run's slot is freed
             started.run.close()
             raise
     if body.stream:
@@ -549,14 +549,11 @@ async def _run_background(request: Request, body: CreateResponse, history: list[
                           began: float) -> None:
     state = request.app.state.server
     status = 200
+    started: chat.Started | None = None
     try:
         try:
             started = await begin(request, body, history, live.input,
                                   f"resp_{body.request_id}" if body.request_id else live.id)
-        except asyncio.CancelledError:
-            live.obj["status"] = "cancelled"
-            await asyncio.shield(persist(request, live, quiet=True))
-            raise
         except APIError as e:  # refused once it ran (its model, its limits): the response failed
             status = e.status_code
             live.obj["status"] = "failed"
@@ -571,6 +568,13 @@ async def _run_background(request: Request, body: CreateResponse, history: list[
             pass
     except asyncio.CancelledError:
         status = 499
+        if live.obj["status"] in ("queued", "in_progress"):  # cancelled before generate ran (it stores its own end)
+            if started is not None:
+                started.run.close()  # its admission slot and key limits, held since `begin`
+            live.obj["status"] = "cancelled"
+            live.close()
+            await asyncio.shield(persist(request, live, quiet=True))
+        raise
     finally:
         state.background.pop(live.id, None)
         live.close()

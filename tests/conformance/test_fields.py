@@ -226,7 +226,8 @@ def test_tokenize_and_detokenize(http: httpx.Client) -> None:
 
 async def test_priority_orders_the_waiting_queue(server: object, aclient: openai.AsyncOpenAI, http: httpx.Client) -> None:
     """Each request takes every engine slot (n = the server's --max-num-seqs), so they run one
-    at a time: the better (lower) priority, queued later, runs before the worse one."""
+    at a time: the better (lower) priority, queued later, runs before the worse one. The first
+    one (long) holds the engine until both wait, then its client leaves, which frees it."""
     import asyncio
     import time
 
@@ -234,33 +235,39 @@ async def test_priority_orders_the_waiting_queue(server: object, aclient: openai
     finished: dict[str, float] = {}
     started: dict[str, float] = {}
 
-    async def occupy(name: str, priority: int) -> None:
+    async def occupy(name: str, priority: int, tokens: int) -> None:
         stream = await aclient.completions.create(
-            model=MODEL, prompt="Count:", max_tokens=12, n=slots, temperature=1.0, seed=1, stream=True,
+            model=MODEL, prompt="Count:", max_tokens=tokens, n=slots, temperature=1.0, seed=1, stream=True,
             extra_body={"ignore_eos": True, "priority": priority})
-        async for _ in stream:
-            started.setdefault(name, time.monotonic())
-        finished[name] = time.monotonic()
+        try:
+            async for _ in stream:
+                started.setdefault(name, time.monotonic())
+            finished[name] = time.monotonic()
+        finally:
+            await stream.close()
 
     def waiting() -> float:
         lines = [x for x in http.get("/metrics").text.splitlines() if x.startswith("llm_requests_waiting{")]
         return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
 
-    async def until(ready: Callable[[], bool]) -> None:
+    async def until(ready: Callable[[], bool], what: str) -> None:
         for _ in range(1000):
             if ready():
                 return
             await asyncio.sleep(0.02)
-        raise AssertionError("the requests never filled the engine and the queue")
+        raise AssertionError(f"never: {what}")
 
-    hog = asyncio.create_task(occupy("hog", 0))
-    await until(lambda: "hog" in started)
-    late = asyncio.create_task(occupy("worse", 5))
-    await until(lambda: waiting() >= 1)
-    early = asyncio.create_task(occupy("better", -5))
-    await until(lambda: waiting() >= 2)
-    await asyncio.gather(hog, late, early)
+    hog = asyncio.create_task(occupy("hog", 0, 1000))
+    await until(lambda: "hog" in started, "the first request streams")
+    late = asyncio.create_task(occupy("worse", 5, 12))
+    await until(lambda: waiting() >= 1, "the worse request waits")
+    early = asyncio.create_task(occupy("better", -5, 12))
+    await until(lambda: waiting() >= 2, "both wait")
+    assert "hog" not in finished
+    hog.cancel()
+    await asyncio.gather(hog, return_exceptions=True)
+    await asyncio.gather(late, early)
     # the better one's first token comes first; when its last slots free, the worse one may be
     # scheduled while the better one's final chunks are still on the wire, so ends are not compared
     assert started["better"] < started["worse"]
-    assert set(finished) == {"hog", "worse", "better"}
+    assert set(finished) == {"worse", "better"}

@@ -232,6 +232,14 @@ def test_background_poll_replay_and_cancel(client: openai.OpenAI, http: httpx.Cl
     assert client.responses.delete(long.id) is None
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(long.id)
+    # cancelled at once, wherever its work is (admitted, stored, or generating): each ends cancelled
+    # and gives back its engine slot
+    for _ in range(3):
+        quick = client.responses.create(model=MODEL, input="Count.", max_output_tokens=2000, background=True)
+        assert client.responses.cancel(quick.id).status == "cancelled"
+        assert client.responses.retrieve(quick.id).status == "cancelled"
+    running = [x for x in http.get("/metrics").text.splitlines() if x.startswith("llm_requests_running{")]
+    assert running and sum(float(x.rsplit(" ", 1)[1]) for x in running) == 0
 
 
 def test_refused_and_checked_fields(http: httpx.Client) -> None:
