@@ -40,9 +40,9 @@ def _registry(request: Request, what: str) -> Registry:
 
 
 def _memory(registry: Registry) -> dict[str, Any]:
-    used = registry.used()
-    return {"device": registry.device or None, "budget_bytes": registry.budget or None,
-            "used_bytes": used, "free_bytes": registry.budget - used if registry.budget else None}
+    used, memory = registry.used(), registry.memory
+    return {"device": memory.device if memory else None, "budget_bytes": memory.budget if memory else None,
+            "used_bytes": used, "free_bytes": memory.budget - used if memory else None}
 
 
 @router.get("/models")
@@ -81,8 +81,7 @@ async def load_model(request: Request) -> JSONResponse:
     try:
         await registry.load(entry)
     except BaseException:
-        if registry.entries.get(spec.name) is entry:
-            del registry.entries[spec.name]  # refused (does not fit): nothing was declared
+        registry.withdraw(entry)  # refused (does not fit): nothing was declared
         raise
     return JSONResponse(entry.describe(), status_code=202, headers={"location": f"/v1/admin/models/{spec.name}"})
 
@@ -116,7 +115,7 @@ async def system_info(request: Request) -> dict[str, Any]:
         "object": "system",
         **snapshot,
         "memory_budget": _memory(registry),
-        "models": [{"id": e.name, "state": e.state, "engine": e.engine,
+        "models": [{"id": e.name, "kind": e.kind, "state": e.state, "engine": e.engine,
                     "footprint_bytes": e.footprint, "footprint_gib": round(e.footprint / GiB, 2)} for e in loaded],
     }
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from fastapi import FastAPI
 
 from server import __version__, admin, openapi, ops
-from server.api import chat, completions, conversations, models, responses, tokenize
+from server.api import chat, completions, conversations, embeddings, models, responses, tokenize
 from server.auth import Keys
 from server.config import Settings
 from server.errors import APIError, install_handlers
@@ -35,6 +35,7 @@ from server.store import RequestLog, Stored, utcnow
 
 if TYPE_CHECKING:
     from server.api.responses import Live
+    from server.engines.base import Embedder, Engine
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,16 @@ def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
     from server.tokenizer import Tokenizer
 
     name, why = engines.pick(settings.engine)
-    engine_class, _ = engines.engine_class(name)
+    embeds = settings.model_kind == "embed"
     progress("preparing the model files")
     path = model_files.resolve(settings)
     progress("loading the tokenizer")
     tokenizer = Tokenizer(path, trust_remote_code=settings.trust_remote_code)
-    progress(f"starting the {name} engine")
-    log.info("starting the %s engine (%s) for %s (%s)", name, why, settings.model_name, path)
-    engine = engine_class.start(path, settings, tokenizer)
+    what = "embedding engine" if embeds else "engine"
+    progress(f"starting the {name} {what}")
+    log.info("starting the %s %s (%s) for %s (%s)", name, what, why, settings.model_name, path)
+    engine: Engine | Embedder = (engines.embedder_class(name)[0].start(path, settings, tokenizer) if embeds
+                                 else engines.engine_class(name)[0].start(path, settings, tokenizer))
     return Served(
         name=settings.model_name,
         engine=engine,
@@ -168,6 +171,7 @@ def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
         created=int(time.time()),
         fingerprint=f"fp_llm-service-{__version__}-{engine.info.name}",
         path=str(path),
+        kind=settings.model_kind,
     )
 
 
@@ -195,7 +199,7 @@ def create_app(
             try:
                 await registry.load(entry)
             except APIError as e:  # does not fit the memory budget
-                entry.set("failed", e.message)
+                entry.fail(e.message)
         await asyncio.gather(*(e.done.wait() for e in entries if e.state == "loading"))
         failed = [e for e in entries if e.state == "failed"]
         if failed:
@@ -244,7 +248,7 @@ def create_app(
     )
     app.state.server = state
     install_handlers(app)
-    for router in (chat.router, completions.router, responses.router, conversations.router, models.router, tokenize.router, ops.router, admin.router,
+    for router in (chat.router, completions.router, embeddings.router, responses.router, conversations.router, models.router, tokenize.router, ops.router, admin.router,
                    admin.usage_router):
         app.include_router(router)
     app.add_middleware(Gate, state=state)

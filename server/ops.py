@@ -18,11 +18,11 @@ async def _readiness(request: Request) -> JSONResponse:
     state = request.app.state.server
     registry = state.registry
     for entry in registry.ready():
+        assert entry.served is not None
         try:
             await entry.served.engine.check_health()
         except Exception as e:  # the engine died: report it, the process stays up for probes
-            entry.set("failed", f"the inference engine died: {e!r}")
-            entry.served = None
+            registry.engine_died(entry, f"the inference engine died: {e!r}")
             if entry.spec.preload:
                 state.fail(f"the inference engine of {entry.name} died: {e!r}")
     entries = list(registry.entries.values())
@@ -34,7 +34,8 @@ async def _readiness(request: Request) -> JSONResponse:
         "models": {e.name: e.state for e in entries},
     }
     if state.status == "ready":
-        body["running_requests"] = sum([await e.served.engine.num_active_requests() for e in registry.ready()])
+        body["running_requests"] = sum([await e.served.engine.num_active_requests() for e in registry.ready()
+                                        if e.served is not None])
         return JSONResponse(body, status_code=200)
     body["detail"] = state.unavailable_reason()
     return JSONResponse(body, status_code=503)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from server import tools
+from server.config import Kind
 from server.engines.base import Engine, FinishReason, SamplingSpec, TokenEvent, TokenLogprobs
 from server.errors import (
     ClientClosedRequest,
@@ -114,14 +115,14 @@ class Target:
                           documents: list[dict[str, str]] | None = None,
                           template_kwargs: dict[str, Any] | None = None,
                           tool_list: list[dict[str, Any]] | None = None) -> Prompt:
-        """The chat template applied and tokenized, off the event loop (see `_off_loop`). Tools
+        """The chat template applied and tokenized, off the event loop (see `off_loop`). Tools
         (and tool turns) go through the template when it knows tools, else through the fallback."""
         template_tools = tool_list or None
         if not tools.knows_tools(self.tokenizer.chat_template_text):
             if tool_list or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
                 messages = tools.fallback(messages, tool_list or [])
             template_tools = None
-        text = await self._off_loop(lambda: self.tokenizer.render_chat(
+        text = await self.off_loop(lambda: self.tokenizer.render_chat(
             messages, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
             documents=documents, template_kwargs=template_kwargs, tools=template_tools))
         return await self.encode(text, add_special_tokens, param="messages")
@@ -137,7 +138,7 @@ class Target:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your {what} "
                 f"({len(text)} characters) is at least {at_least} tokens. Please reduce the length of the {what}.",
                 param=param)
-        return Prompt(await self._off_loop(lambda: self.tokenizer.encode(text, add_special_tokens)), text)
+        return Prompt(await self.off_loop(lambda: self.tokenizer.encode(text, add_special_tokens)), text)
 
     def token_prompt(self, ids: Sequence[int], param: str = "prompt") -> Prompt:
         vocab = self.tokenizer.vocab_size
@@ -145,7 +146,7 @@ class Target:
             raise InvalidRequest(f"Invalid value for '{param}': token ids must be in [0, {vocab}).", param=param)
         return Prompt(list(ids), self.tokenizer.decode(list(ids)))
 
-    async def _off_loop(self, work: Callable[[], T]) -> T:
+    async def off_loop(self, work: Callable[[], T]) -> T:
         """Templates and tokenizers run in the server's bounded render pool: the event loop keeps
         answering probes and streams while a long prompt is tokenized, and a burst of them waits
         for a thread instead of taking them all."""
@@ -159,13 +160,15 @@ def _charge(request: Request, tokens: int) -> None:
     state.key_limits.charge(access(request).key, tokens)
 
 
-async def resolve(request: Request, model: str, user: str | None) -> Target:
+async def resolve(request: Request, model: str, user: str | None, kind: Kind | None = "generate") -> Target:
     """The ready model this request goes to (an alias's variant, sticky per `user`; a lazy model
-    loads first, and the request stops waiting if its client leaves)."""
+    loads first, and the request stops waiting if its client leaves); 400 if it is not of the
+    `kind` the route serves."""
     state = request.app.state.server
     if state.status in ("stopping", "failed"):
         raise ServiceUnavailable(state.unavailable_reason())
-    entry, alias = await state.registry.resolve(model, user, wait=lambda work: unless_disconnected(request, work))
+    entry, alias = await state.registry.resolve(model, user, wait=lambda work: unless_disconnected(request, work),
+                                                kind=kind)
     served = entry.served
     if served is None:
         raise entry.unavailable()
@@ -423,12 +426,22 @@ def _jobs(prompts: list[Prompt], n: int, spec: SamplingSpec, base_id: str) -> li
     return jobs
 
 
-async def _admit(request: Request, target: Target, jobs: list[Job], gen: Generation, max_tokens: int) -> Run:
+@dataclass
+class Hold:
+    """An admitted request's place: its key's limits (`ticket`) and its model's slots (`release`)."""
+
+    ticket: Ticket
+    release: Callable[[], None]
+
+
+async def hold(request: Request, target: Target, tokens: int, slots: int, priority: int) -> Hold:
+    """Admit a request to `target` (every surface's): its key's limits for `tokens` (429 at once),
+    then `slots` of its model's engine, waiting in the bounded queue by `priority` (429 when full)."""
     state = request.app.state.server
     entry = target.entry
     record = access(request)
     try:
-        ticket = state.key_limits.admit(record.key, usage(jobs).prompt_tokens + max_tokens * len(jobs))
+        ticket = state.key_limits.admit(record.key, tokens)
     except RateLimited as e:
         state.metrics.rejections.labels(e.reason).inc()
         raise
@@ -437,25 +450,32 @@ async def _admit(request: Request, target: Target, jobs: list[Job], gen: Generat
         ticket.close(0)
         raise entry.unavailable()
     try:
-        await unless_disconnected(request, admission.acquire(len(jobs), gen.spec.priority))
+        await unless_disconnected(request, admission.acquire(slots, priority))
     except BaseException as e:
         ticket.close(0)
         if isinstance(e, Overloaded):
             state.metrics.rejections.labels("queue_full").inc()
         raise
     if entry.state != "ready":  # an unload began while it waited: it takes no new work
-        admission.release(len(jobs))
+        admission.release(slots)
         ticket.close(0)
         raise entry.unavailable()
-    entry.requests += 1
-    entry.touch()
+    entry.admitted()
 
     def release() -> None:
-        admission.release(len(jobs))
+        admission.release(slots)
         entry.touch()  # idle time counts from the end of its last request
 
+    return Hold(ticket, release)
+
+
+async def _admit(request: Request, target: Target, jobs: list[Job], gen: Generation, max_tokens: int) -> Run:
+    state = request.app.state.server
+    record = access(request)
+    held = await hold(request, target, usage(jobs).prompt_tokens + max_tokens * len(jobs), len(jobs), gen.spec.priority)
+    ticket, release = held.ticket, held.release
     served = target.served
-    return Run(served.engine, jobs, state.metrics, served.name, gen.route, ticket, release=release, record=record,
+    return Run(served.generator(), jobs, state.metrics, served.name, gen.route, ticket, release=release, record=record,
                prompt_text=gen.log_prompt() if state.settings.log_content else None)
 
 

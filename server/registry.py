@@ -1,5 +1,5 @@
-"""The models this server serves: each one's declaration, state and engine, the aliases in front
-of them, and where they fit in memory.
+"""The models this server serves: their names and aliases, each one's state and engine, and the
+load/unload lifecycle. Where models fit in memory is `server.placement`'s (pure) decision.
 
 A model goes `unloaded` (declared lazy) -> `loading` -> `ready` -> `unloading` -> gone (DELETE),
 or back to `unloaded` (a lazy model idle for --idle-unload, or evicted to make room); a load that
@@ -7,11 +7,13 @@ fails leaves it `failed` with the reason, and the server serves the others on. L
 time, in a worker thread: the event loop keeps serving the other models, the memory a load took
 is measured around it, and two engines never race for the same memory.
 
-Placement: before a load, the model's footprint is estimated from its files and engine settings
-(weights + KV cache + the engine's overhead) and checked against --memory-budget beside the
-footprints of the models already there (each the larger of its estimate and what its load
-measured). A model that does not fit is refused with 507 before anything is allocated, or, with
---evict-idle, the least recently used idle lazy models are unloaded first to make room.
+Each entry owns its transitions (`Entry.begin_load`, `loaded`, `fail`, `begin_unload`,
+`unloaded`); its state is derived from what it holds (its loaded engine, the phase in progress,
+a failure), never stored beside it. Only this module changes entries: routes read them, and ask
+the registry (`declare`, `load`, `unload`, `engine_died`) for the rest.
+
+A model has a kind: `generate` (chat, completions, responses) or `embed` (embeddings). A request
+to the wrong kind is a 400 naming the routes the model serves.
 """
 
 from __future__ import annotations
@@ -23,62 +25,74 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from server import system
-from server.config import DEFAULT_SOURCE, Alias, ModelSpec, Settings
-from server.engines.base import Engine
-from server.errors import Conflict, InsufficientMemory, ModelNotFound, ServiceUnavailable
+from server import placement, system
+from server.config import DEFAULT_SOURCE, Alias, Kind, ModelSpec, Settings
+from server.errors import Conflict, InvalidRequest, ModelNotFound, ServiceUnavailable
 from server.limits import Admission
 from server.metrics import MODEL_STATES, Metrics
-from server.tokenizer import Tokenizer
+from server.placement import GiB, Holding, Memory
+from server.placement import estimate as estimate
+
+if TYPE_CHECKING:
+    from server.engines.base import Embedder, Engine
+    from server.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-GiB = 1 << 30
 State = Literal["unloaded", "loading", "ready", "failed", "unloading"]
 # blocking, in a worker thread: prepares the model and starts its engine, reporting its phase
 Loader = Callable[[Settings, Callable[[str], None]], "Served"]
 # blocking: bytes the model will hold on `device` (of `total` bytes); None: not knowable yet
 Estimator = Callable[[Settings, str, int], "int | None"]
-# without --memory-budget the models may take this share of the device's memory
-DEFAULT_BUDGET_SHARE = 0.9
-
-
-def estimate(settings: Settings, device: str, total: int) -> int | None:
-    """Weights from the model's files, KV cache and overhead from its engine's rules."""
-    from server import engines, models
-
-    weights = models.weights_bytes(settings)
-    if weights is None:
-        return None
-    engine_class, _ = engines.engine_class(settings.engine)
-    return engine_class.footprint(weights, settings, device, total)
+# what each kind of model serves (in the message of a request to the wrong kind)
+ROUTES: dict[str, str] = {"generate": "/v1/chat/completions, /v1/completions and /v1/responses",
+                          "embed": "/v1/embeddings"}
 
 
 @dataclass
 class Served:
-    """What the routes need once the model is loaded (a ready Entry has one)."""
+    """What the routes need once the model is loaded: its engine (a generating `Engine`, or an
+    `Embedder` for an embedding model) and its tokenizer."""
 
     name: str
-    engine: Engine
+    engine: Engine | Embedder
     tokenizer: Tokenizer
     created: int
     fingerprint: str
     path: str | None = None  # the local folder it was loaded from
+    kind: Kind = "generate"
+
+    def generator(self) -> Engine:
+        """The engine of a generating model (the registry resolved it by its kind)."""
+        assert self.kind == "generate", f"{self.name} is an embedding model"
+        return cast("Engine", self.engine)
+
+    def embedder(self) -> Embedder:
+        assert self.kind == "embed", f"{self.name} is not an embedding model"
+        return cast("Embedder", self.engine)
+
+
+@dataclass
+class Loaded:
+    """A ready model's parts, present together or not at all."""
+
+    served: Served
+    admission: Admission  # its engine's slots and bounded queue
 
 
 @dataclass
 class Entry:
-    """One model: what was declared, what state it is in, its engine once ready."""
+    """One model: what was declared, its loaded parts once ready, and the phase in progress."""
 
     spec: ModelSpec
     settings: Settings  # the engine settings it runs with
-    state: State = "unloaded"
-    detail: str = ""  # the phase of a load or unload in progress, or why it failed
-    since: float = field(default_factory=time.time)  # when `state` last changed
-    served: Served | None = None
-    admission: Admission | None = None
+    loaded: Loaded | None = None
+    phase: Literal["loading", "unloading"] | None = None
+    failure: str | None = None  # why its last load failed (or its engine died)
+    detail: str = ""  # the phase's progress, or why it was unloaded
+    since: float = field(default_factory=time.time)  # when its state last changed
     estimated_bytes: int | None = None
     measured_bytes: int | None = None
     load_seconds: float | None = None
@@ -92,6 +106,26 @@ class Entry:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def kind(self) -> Kind:
+        return self.spec.kind
+
+    @property
+    def state(self) -> State:
+        if self.phase is not None:
+            return self.phase
+        if self.failure is not None:
+            return "failed"
+        return "ready" if self.loaded is not None else "unloaded"
+
+    @property
+    def served(self) -> Served | None:
+        return self.loaded.served if self.loaded is not None else None
+
+    @property
+    def admission(self) -> Admission | None:
+        return self.loaded.admission if self.loaded is not None else None
 
     @property
     def footprint(self) -> int:
@@ -114,15 +148,59 @@ class Entry:
     @property
     def busy(self) -> bool:
         """Requests are running on it or waiting for it."""
-        return self.admission is not None and bool(self.admission.in_use or self.admission.waiting)
+        admission = self.admission
+        return admission is not None and bool(admission.in_use or admission.waiting)
 
     @property
     def usable(self) -> bool:
         """A request for it can be served now or once it loads."""
         return self.state in ("ready", "loading", "unloaded")
 
-    def set(self, state: State, detail: str = "") -> None:
-        self.state, self.detail, self.since = state, detail, time.time()
+    # ------------------------------------------------------------------ transitions (the registry drives them)
+
+    def _changed(self, detail: str) -> None:
+        self.detail, self.since = detail, time.time()
+
+    def begin_load(self, need: int | None, detail: str) -> None:
+        self.phase, self.failure = "loading", None
+        self.estimated_bytes, self.measured_bytes = need, None
+        self.done.clear()
+        self._changed(detail)
+
+    def progress(self, detail: str) -> None:
+        """The phase's progress (a loader's thread calls it: one assignment)."""
+        self.detail = detail
+
+    def loaded_with(self, loaded: Loaded, seconds: float) -> None:
+        """Its load ended well; it is ready unless an unload was asked for meanwhile."""
+        self.loaded, self.load_seconds = loaded, seconds
+        self.last_used = time.monotonic()
+        if self.phase == "loading":
+            self.phase = None
+            self._changed("")
+        self.done.set()
+
+    def fail(self, reason: str) -> None:
+        """Its load failed, or its engine died: it serves nothing until declared again."""
+        self.phase, self.loaded, self.failure = None, None, reason
+        self._changed(reason)
+        self.done.set()
+
+    def begin_unload(self, why: str) -> None:
+        self.phase = "unloading"
+        self._changed(why)
+
+    def unloaded(self) -> Served | None:
+        """It no longer takes work: its parts are handed back (to shut its engine down), and it
+        is `unloaded` (its next request loads it again)."""
+        served = self.served
+        self.loaded, self.phase, self.measured_bytes = None, None, None
+        self._changed(self.detail)
+        return served
+
+    def admitted(self) -> None:
+        self.requests += 1
+        self.touch()
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -142,6 +220,7 @@ class Entry:
         out: dict[str, Any] = {
             "object": "model.status",
             "id": self.name,
+            "kind": self.kind,
             "state": self.state,
             "detail": self.detail or None,
             "state_since": int(self.since),
@@ -183,9 +262,7 @@ class Registry:
             for model, _ in alias.variants:
                 metrics.alias_requests.labels(alias.name, model)
         self._one_load = asyncio.Lock()
-        self.device = ""  # where models go ("cuda" or "cpu"), known at the first placement
-        self.total = 0
-        self.budget = 0
+        self.memory: Memory | None = None  # measured at the first placement
 
     # ------------------------------------------------------------------ declaring and finding
 
@@ -202,6 +279,11 @@ class Registry:
         self.entries[spec.name] = entry
         return entry
 
+    def withdraw(self, entry: Entry) -> None:
+        """Take back a declaration that was refused before anything ran (it did not fit)."""
+        if entry.state in ("unloaded", "failed"):
+            self._remove(entry)
+
     def get(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
@@ -209,21 +291,33 @@ class Registry:
         return entry
 
     def ready(self) -> list[Entry]:
-        return [e for e in self.entries.values() if e.state == "ready" and e.served is not None]
+        return [e for e in self.entries.values() if e.state == "ready"]
 
     def busy(self) -> bool:
         return any(e.busy for e in self.entries.values())
 
+    def kind_of(self, name: str) -> Kind | None:
+        """The kind of the model (or the alias's models) called `name`; None if there is none."""
+        alias = self.aliases.get(name)
+        entry = self.entries.get(alias.variants[0][0] if alias is not None else name)
+        return entry.kind if entry is not None else None
+
     async def resolve(self, name: str, user: str | None,
-                      wait: Callable[[Awaitable[None]], Awaitable[None]] | None = None) -> tuple[Entry, Alias | None]:
+                      wait: Callable[[Awaitable[None]], Awaitable[None]] | None = None,
+                      kind: Kind | None = "generate") -> tuple[Entry, Alias | None]:
         """The ready model a request for `name` goes to (an alias picks a variant, sticky per
         `user`). A lazy model is loaded, and the request waits for it up to --load-wait, through
-        `wait` when given (the routes stop waiting when the client leaves)."""
+        `wait` when given (the routes stop waiting when the client leaves). A model of another
+        `kind` than the route serves (None: any) is a 400 that says where to send it."""
         alias = self.aliases.get(name)
         entry = self._pick(alias, user) if alias is not None else self.get(name)
+        if kind is not None and entry.kind != kind:
+            what = "an embedding model" if entry.kind == "embed" else "a text generation model"
+            raise InvalidRequest(f"The model {name!r} is {what}: it serves {ROUTES[entry.kind]} only.",
+                                 param="model", code="wrong_model_kind")
         if entry.state != "ready":
             await (wait or (lambda work: work))(self._make_ready(entry))
-        if entry.state != "ready" or entry.admission is None:
+        if entry.state != "ready":
             raise entry.unavailable()
         if alias is not None:
             self.metrics.alias_requests.labels(alias.name, entry.name).inc()
@@ -260,56 +354,28 @@ class Registry:
                 return entry
         return usable[-1][0]
 
-    # ------------------------------------------------------------------ placement
-
-    async def _measure_device(self) -> None:
-        if not self.device:
-            self.device = await asyncio.to_thread(system.device)
-            self.total = system.device_total_bytes(self.device)
-            budget = self.settings.memory_budget
-            self.budget = int(budget * GiB) if budget is not None else int(self.total * DEFAULT_BUDGET_SHARE)
+    # ------------------------------------------------------------------ memory
 
     def used(self, besides: Entry | None = None) -> int:
         return sum(e.footprint for e in self.entries.values() if e is not besides and e.holds_memory)
 
-    def _place(self, entry: Entry, need: int | None) -> list[Entry]:
-        """The models to evict so `entry` fits (usually none); 507 when it cannot fit."""
-        if need is None:
-            return []
-        used = self.used(besides=entry)
-        if used + need <= self.budget:
-            return []
-        victims: list[Entry] = []
-        idle_lazy = sorted((e for e in self.entries.values() if e is not entry and e.idle_lazy),
-                           key=lambda e: e.last_used)
-        if self.settings.evict_idle:
-            for victim in idle_lazy:
-                victims.append(victim)
-                used -= victim.footprint
-                if used + need <= self.budget:
-                    return victims
-        loaded = ", ".join(f"{e.name} {e.footprint / GiB:.2f}" for e in self.entries.values()
-                           if e is not entry and e.holds_memory) or "none"
-        raise InsufficientMemory(
-            f"The model {entry.name} does not fit: it needs about {need / GiB:.2f} GiB and "
-            f"{(self.budget - self.used(besides=entry)) / GiB:.2f} GiB of the {self.budget / GiB:.2f} GiB "
-            f"memory budget ({self.device}) are free (loaded, GiB: {loaded}). Unload a model, give this "
-            "one a smaller KV cache (settings: kv_cache_space) or raise --memory-budget"
-            + ("; --evict-idle would unload idle lazy models to make room." if idle_lazy and not self.settings.evict_idle else "."),
-        )
+    def _holdings(self, besides: Entry) -> list[Holding]:
+        return [Holding(e.name, e.footprint, e.idle_lazy, e.last_used)
+                for e in self.entries.values() if e is not besides and e.holds_memory]
 
     # ------------------------------------------------------------------ loading and unloading
 
     async def load(self, entry: Entry) -> None:
         """Start loading `entry` and return (poll its state); 507 if it does not fit."""
-        await self._measure_device()
-        need = await asyncio.to_thread(self.estimator, entry.settings, self.device, self.total)
+        if self.memory is None:
+            self.memory = await asyncio.to_thread(Memory.measure, self.settings)
+        memory = self.memory
+        need = await asyncio.to_thread(self.estimator, entry.settings, memory.device, memory.total)
         if entry.state != "unloaded" and entry.state != "failed":
             return  # another request started it while this one estimated
-        victims = self._place(entry, need)
-        entry.estimated_bytes, entry.measured_bytes = need, None
-        entry.done.clear()
-        entry.set("loading", "waiting for another model's load to finish" if self._one_load.locked() else "starting")
+        victims = [self.entries[name] for name in
+                   placement.fit(entry.name, need, self._holdings(entry), memory, self.settings.evict_idle)]
+        entry.begin_load(need, "waiting for another model's load to finish" if self._one_load.locked() else "starting")
         for victim in victims:
             log.info("evicting idle model %s (%.2f GiB) to make room for %s", victim.name, victim.footprint / GiB, entry.name)
             self.unload(victim, forget=False, why=f"evicted to make room for {entry.name}")
@@ -319,37 +385,47 @@ class Registry:
         for victim in victims:  # their memory must be free before this load takes it
             if victim.task is not None:
                 await asyncio.gather(victim.task, return_exceptions=True)
+        assert self.memory is not None
+        device = self.memory.device
         async with self._one_load:
             if entry.state != "loading":  # deleted while it waited its turn
+                entry.unloaded()
+                entry.done.set()
                 if entry.forget:
                     self._remove(entry)
-                entry.done.set()
                 return
-            entry.detail = "starting"
-            before = await asyncio.to_thread(system.used_bytes, self.device)
+            entry.progress("starting")
+            before = await asyncio.to_thread(system.used_bytes, device)
             started = time.monotonic()
-
-            def progress(phase: str) -> None:  # called from the loader's thread: one assignment
-                entry.detail = phase
-
             try:
-                served = await asyncio.to_thread(self.loader, entry.settings, progress)
+                served = await asyncio.to_thread(self.loader, entry.settings, entry.progress)
             except Exception as e:
                 message = str(e) or type(e).__name__
                 log.error("could not load model %s: %s", entry.name, message)
                 if not isinstance(e, RuntimeError | ValueError | OSError):
                     log.exception("load failure details")
-                entry.set("failed", message)
+                entry.fail(message)
                 if entry.forget:  # DELETE came while it loaded
                     self._remove(entry)
-                entry.done.set()
                 return
-            entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, self.device) - before, 0)
-        entry.load_seconds = time.monotonic() - started
+            entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, device) - before, 0)
         served.engine.attach_to_loop()
+        entry.idle.set()
+        entry.loaded_with(Loaded(served, Admission(served.engine.info.max_num_seqs, self.settings.max_queued_requests,
+                                                   self._gauges(entry))), time.monotonic() - started)
+        if entry.state == "unloading":  # DELETE came while it loaded
+            entry.task = asyncio.create_task(self._unload(entry))
+            return
+        log.info("model %s (%s) ready on the %s engine in %.1f s (max context %d tokens, ~%.2f GiB)",
+                 entry.name, entry.kind, served.engine.info.name, entry.load_seconds or 0,
+                 served.engine.info.max_model_len, entry.footprint / GiB)
+
+    def _gauges(self, entry: Entry) -> Callable[[int, int], None]:
+        """The admission's report of running and waiting requests: gauges, and the idle event
+        an unload waits on."""
         name = entry.name
 
-        def gauges(running: int, waiting: int) -> None:
+        def report(running: int, waiting: int) -> None:
             self.metrics.running.labels(name).set(running)
             self.metrics.waiting.labels(name).set(waiting)
             if running or waiting:
@@ -357,20 +433,7 @@ class Registry:
             else:
                 entry.idle.set()
 
-        entry.idle.set()
-
-        entry.admission = Admission(served.engine.info.max_num_seqs, self.settings.max_queued_requests, gauges)
-        entry.served = served
-        entry.touch()
-        if entry.state == "unloading":  # DELETE came while it loaded
-            entry.done.set()
-            entry.task = asyncio.create_task(self._unload(entry))
-            return
-        entry.set("ready")
-        entry.done.set()
-        log.info("model %s ready on the %s engine in %.1f s (max context %d tokens, ~%.2f GiB)",
-                 name, served.engine.info.name, entry.load_seconds, served.engine.info.max_model_len,
-                 entry.footprint / GiB)
+        return report
 
     def unload(self, entry: Entry, forget: bool, why: str) -> None:
         """Unload `entry` once the requests running on or waiting for it finish; new ones get 503
@@ -383,7 +446,7 @@ class Registry:
         if entry.state == "unloading":
             return
         loading = entry.state == "loading"
-        entry.set("unloading", why)
+        entry.begin_unload(why)
         log.info("unloading model %s: %s", entry.name, why)
         if not loading:  # a load in progress finishes first, then `_load` hands over to `_unload`
             entry.task = asyncio.create_task(self._unload(entry))
@@ -391,8 +454,7 @@ class Registry:
     async def _unload(self, entry: Entry) -> None:
         while entry.busy:  # running and queued requests finish first
             await entry.idle.wait()
-        served = entry.served
-        entry.served, entry.admission = None, None
+        served = entry.unloaded()
         if served is not None:
             try:
                 await served.engine.shutdown()
@@ -404,9 +466,14 @@ class Registry:
             self._remove(entry)
             log.info("model %s unloaded and removed", entry.name)
         else:
-            entry.measured_bytes = None
-            entry.set("unloaded", entry.detail)
             log.info("model %s unloaded (%s); its next request loads it again", entry.name, entry.detail)
+
+    def engine_died(self, entry: Entry, reason: str) -> None:
+        """A health check found its engine dead: it fails (and serves nothing) until declared again."""
+        log.error("model %s: %s", entry.name, reason)
+        entry.fail(reason)
+        self.metrics.running.labels(entry.name).set(0)
+        self.metrics.waiting.labels(entry.name).set(0)
 
     def refresh_gauges(self) -> None:
         """The per-model gauges that are read, not event-driven (at each /metrics scrape)."""
@@ -415,8 +482,9 @@ class Registry:
             for state in MODEL_STATES:
                 m.model_state.labels(entry.name, state).set(1 if entry.state == state else 0)
             m.model_memory.labels(entry.name).set(entry.footprint if entry.holds_memory else 0)
-            if entry.served is not None:
-                m.kv_cache.labels(entry.name).set(entry.served.engine.kv_cache_usage())
+            served = entry.served
+            if served is not None and served.kind == "generate":
+                m.kv_cache.labels(entry.name).set(served.generator().kv_cache_usage())
 
     def _remove(self, entry: Entry) -> None:
         if self.entries.get(entry.name) is entry:
@@ -441,6 +509,6 @@ class Registry:
                 entry.task.cancel()  # it waits for requests, which the shutdown has ended
         await asyncio.gather(*tasks, return_exceptions=True)
         for entry in list(self.entries.values()):
-            if entry.served is not None:
-                await entry.served.engine.shutdown()
-                entry.served = None
+            served = entry.unloaded() if entry.loaded is not None else None
+            if served is not None:
+                await served.engine.shutdown()

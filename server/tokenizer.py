@@ -102,6 +102,20 @@ class Tokenizer:
         # a chat template already wrote the special tokens it wants: callers pass False for it
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_cut(self, text: str, add_special_tokens: bool, keep: int, side: str = "right") -> tuple[list[int], int]:
+        """The tokens of `text`, at most `keep` of them: the text is cut on `side` ("right": its end
+        goes, as sentence-transformers truncates) and the special tokens stay. Also: how many
+        tokens it had uncut."""
+        body = list(self.hf.encode(text, add_special_tokens=False))
+        full = list(self.hf.encode(text, add_special_tokens=True)) if add_special_tokens else body
+        # the special tokens around the text ([CLS] ... [SEP]): where the text's own tokens sit in `full`
+        at = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), 0)
+        head, tail = (full[:at], full[at + len(body):]) if add_special_tokens else ([], [])
+        room = max(keep - len(head) - len(tail), 0)
+        if len(body) > room:
+            body = body[:room] if side == "right" else body[len(body) - room:]
+        return head + body + tail, len(full)
+
     def decode(self, token_ids: list[int] | tuple[int, ...]) -> str:
         return str(self.hf.decode(list(token_ids), skip_special_tokens=True))
 

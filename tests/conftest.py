@@ -36,7 +36,9 @@ ENGINE_ARGS = {"vllm": ["--enforce-eager"], "transformers": []}
 
 @pytest.fixture(scope="session", params=ENGINES)
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    # the chat model and the default embedding model, as `make serve` serves them
     proc = ServerProcess("--engine", request.param, *ENGINE_ARGS[request.param], "--max-num-seqs", "16",
+                         "--embedding-model", "default",
                          name=f"conformance-{request.param}")
     try:
         yield proc.wait_ready()
@@ -78,3 +80,12 @@ def postgres_database(prefix: str) -> Iterator[str]:
         with server.connect() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         server.dispose()
+
+
+@pytest.fixture(scope="session")
+def embedding_server(server: ServerProcess) -> ServerProcess:
+    """A live server with the chat model and the embedding model, for the clients' tests (which
+    are engine-independent: they run against the first engine's server only)."""
+    if server.name != f"conformance-{ENGINES[0]}":
+        pytest.skip("engine-independent: runs against the first engine's server only")
+    return server

@@ -21,6 +21,8 @@ class ServerProcess(servers.ServerProcess):
     def __init__(self, *args: str, env: dict[str, str] | None = None, name: str = "server",
                  port: int | None = None) -> None:
         port = port or free_port()  # a restart takes its predecessor's port
+        if "--embedding-model" not in args:  # an embedding model only where a test asks for one
+            args = (*args, "--embedding-model", "none")
         if "--database-url" not in args:  # each test server logs requests into its own file
             args = (*args, "--database-url", f"sqlite:///{LOG_DIR / f'{name}-{port}.requests.db'}")
         cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), *args]

@@ -24,7 +24,7 @@ from tests.fake_engine import FakeEngine
 
 MODEL = "smollm2-135m-instruct"
 # the apps' request logs go to a scratch file, not the user's cache folder
-UNIT = Settings(database_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='llm-unit-')) / 'requests.db'}")
+UNIT = Settings(embedding_model=None, database_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='llm-unit-')) / 'requests.db'}")
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from server.__main__ import build_parser, parse_serve
-from server.config import DEFAULT_MODEL_NAME, Alias, ModelSpec, Settings, SettingsError
+from server.config import (
+    DEFAULT_EMBEDDING_MODEL_NAME,
+    DEFAULT_MODEL_NAME,
+    Alias,
+    ModelSpec,
+    Settings,
+    SettingsError,
+)
+
+EMBED = (DEFAULT_EMBEDDING_MODEL_NAME, None)  # served beside the chat model(s) unless --embedding-model none
 
 
 def _settings(argv: list[str], environ: dict[str, str] | None = None) -> Settings:
@@ -19,17 +28,42 @@ def _settings(argv: list[str], environ: dict[str, str] | None = None) -> Setting
 def test_one_plain_model_keeps_its_meaning() -> None:
     s = _settings(["--model", "/models/foo/", "--served-model-name", "foo"])
     assert s.models == () and s.model == "/models/foo/"
-    assert [(m.name, m.source) for m in s.served_models] == [("foo", "/models/foo/")]
-    assert [m.name for m in _settings([]).served_models] == [DEFAULT_MODEL_NAME]
+    assert [(m.name, m.source) for m in s.served_models] == [("foo", "/models/foo/"), EMBED]
+    assert [(m.name, m.kind) for m in _settings([]).served_models] == [(DEFAULT_MODEL_NAME, "generate"),
+                                                                       (DEFAULT_EMBEDDING_MODEL_NAME, "embed")]
+
+
+def test_the_embedding_model_is_served_beside_unless_turned_off() -> None:
+    assert [m.name for m in _settings(["--embedding-model", "none"]).served_models] == [DEFAULT_MODEL_NAME]
+    assert [(m.name, m.source, m.kind) for m in _settings(["--embedding-model", "/m/e5"]).served_models][1] == (
+        DEFAULT_EMBEDDING_MODEL_NAME, "/m/e5", "embed")
+    assert _settings([], {"LLM_SERVICE_EMBEDDING_MODEL": "none"}).embedding_model is None
+    # a declared model of that name takes its place
+    s = _settings(["--model", f"{DEFAULT_EMBEDDING_MODEL_NAME}=/m/other"])
+    assert [(m.name, m.kind) for m in s.served_models] == [(DEFAULT_EMBEDDING_MODEL_NAME, "generate")]
+
+
+def test_a_models_file_declares_kinds(tmp_path: Path) -> None:
+    f = tmp_path / "models.yaml"
+    f.write_text("models:\n  - {name: chat}\n  - {name: e5, source: /m/e5, kind: embed}\n"
+                 "aliases:\n  vectors: e5\n")
+    s = _settings(["--models-file", str(f), "--embedding-model", "none"])
+    assert [(m.name, m.kind) for m in s.served_models] == [("chat", "generate"), ("e5", "embed")]
+    f.write_text("models:\n  - {name: e5, kind: vectors}\n")
+    with pytest.raises(SettingsError, match="'kind' must be one of generate, embed"):
+        _settings(["--models-file", str(f)])
+    f.write_text("models:\n  - {name: chat}\n  - {name: e5, kind: embed}\naliases:\n  both: {chat: 1, e5: 1}\n")
+    with pytest.raises(SettingsError, match="mixes generating and embedding models"):
+        _settings(["--models-file", str(f)])
 
 
 def test_repeated_model_flags_name_each_model() -> None:
     s = _settings(["--model", "small=default", "--model", "big=/models/big", "--model", "org/some-model"])
     assert [(m.name, m.source) for m in s.served_models] == [
-        ("small", None), ("big", "/models/big"), ("org/some-model", "org/some-model")]
+        ("small", None), ("big", "/models/big"), ("org/some-model", "org/some-model"), EMBED]
     # the environment variable takes a comma-separated list, like every repeatable flag
     s = _settings([], {"LLM_SERVICE_MODEL": "a=default,b=/m/b"})
-    assert [m.name for m in s.served_models] == ["a", "b"]
+    assert [m.name for m in s.served_models] == ["a", "b", DEFAULT_EMBEDDING_MODEL_NAME]
 
 
 def test_several_models_cannot_share_served_model_name() -> None:
@@ -54,7 +88,7 @@ aliases:
   trial: {chat-small: 9, tiny: 1}
 """)
     s = _settings(["--models-file", str(path), "--engine", "vllm"])
-    small, tiny = s.served_models
+    small, tiny, _ = s.served_models
     assert (small.source, small.engine, small.preload) == (None, "transformers", True)
     assert (tiny.source, tiny.engine, tiny.preload) == ("/models/tiny", None, False)
     engine_settings = small.engine_settings(s)
@@ -98,7 +132,7 @@ def test_missing_models_file_is_named(tmp_path: Path) -> None:
 def test_model_spec_from_an_admin_body() -> None:
     spec = ModelSpec.from_dict({"name": "x", "source": "/m", "settings": {"dtype": "float32"}})
     assert spec == ModelSpec("x", "/m", None, True, (("dtype", "float32"),))
-    assert spec.describe() == {"name": "x", "source": "/m", "engine": None, "preload": True, "settings": {"dtype": "float32"}}
+    assert spec.describe() == {"name": "x", "kind": "generate", "source": "/m", "engine": None, "preload": True, "settings": {"dtype": "float32"}}
 
 
 def test_many_model_settings_are_checked() -> None:

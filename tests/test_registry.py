@@ -21,7 +21,7 @@ from server.metrics import Metrics
 from server.registry import GiB, Registry, Served
 from tests.fake_engine import FakeEngine
 
-UNIT = Settings(database_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='llm-unit-')) / 'requests.db'}")
+UNIT = Settings(embedding_model=None, database_url=f"sqlite:///{Path(tempfile.mkdtemp(prefix='llm-unit-')) / 'requests.db'}")
 
 
 def _loader(fail: set[str] | None = None) -> Callable[[Settings, Callable[[str], None]], Served]:

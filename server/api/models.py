@@ -19,6 +19,7 @@ def _card(entry: Entry) -> ModelCard:
         created=served.created if served else int(entry.since),
         owned_by="llm-service",
         engine=entry.engine,
+        kind=entry.kind,
         max_model_len=served.engine.info.max_model_len if served else None,
         root=served.path if served else None,
         state=entry.state,
@@ -33,7 +34,8 @@ def _cards(request: Request) -> list[ModelCard]:
     cards = [_card(e) for e in registry.entries.values() if e.usable]
     for alias in registry.aliases.values():
         if registry.usable_variants(alias):
-            cards.append(ModelCard(id=alias.name, created=state.started, owned_by="llm-service", variants=alias.describe()))
+            cards.append(ModelCard(id=alias.name, created=state.started, owned_by="llm-service",
+                                   kind=registry.kind_of(alias.name), variants=alias.describe()))
     return cards
 
 

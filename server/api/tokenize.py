@@ -30,7 +30,7 @@ def _model(request: Request, model: str | None) -> str:
 @router.post("/tokenize", response_model=None)
 async def tokenize(request: Request) -> Response:
     body = await pipeline.parse(request, TokenizeRequest)
-    target = await pipeline.resolve(request, _model(request, body.model), None)
+    target = await pipeline.resolve(request, _model(request, body.model), None, kind=None)
     if body.messages is not None:
         continue_final = bool(body.continue_final_message)
         generation = body.add_generation_prompt if body.add_generation_prompt is not None else not continue_final
@@ -50,6 +50,6 @@ async def tokenize(request: Request) -> Response:
 @router.post("/detokenize", response_model=None)
 async def detokenize(request: Request) -> Response:
     body = await pipeline.parse(request, DetokenizeRequest)
-    target = await pipeline.resolve(request, _model(request, body.model), None)
+    target = await pipeline.resolve(request, _model(request, body.model), None, kind=None)
     prompt = target.token_prompt(body.tokens, param="tokens")
     return Response(DetokenizeResponse(prompt=prompt.text).model_dump_json(), media_type="application/json")

@@ -6,7 +6,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.engines.base import Engine
+    from server.engines.base import Embedder, Engine
 
 
 def pick(requested: str) -> tuple[str, str]:
@@ -35,3 +35,16 @@ def engine_class(requested: str) -> tuple[type[Engine], str]:
     from server.engines.hf import HFEngine
 
     return HFEngine, why
+
+
+def embedder_class(requested: str) -> tuple[type[Embedder], str]:
+    """The embedding engine for `--engine requested`: vLLM's pooling runner where vLLM runs,
+    else the sentence-transformers-style engine on transformers."""
+    name, why = pick(requested)
+    if name == "vllm":
+        from server.engines.vllm_engine import VLLMEmbedder
+
+        return VLLMEmbedder, why
+    from server.engines.hf_embed import HFEmbedder
+
+    return HFEmbedder, why

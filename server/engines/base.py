@@ -147,3 +147,46 @@ class Engine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+class Embedder(Protocol):
+    """Everything the server calls on an embedding engine: a second, smaller protocol, because an
+    embedding model does not generate (no sampling, no token stream, no KV cache to report).
+    Implemented by vLLM's pooling runner and by a sentence-transformers-style engine on
+    transformers (and a fake in the unit tests); `server.engines.embedder_class` picks one.
+
+    Inputs arrive as token ids, tokenized and truncated to `info.max_model_len` by the server (the
+    same way for every engine, so engines cannot disagree on truncation). Output vectors are pooled
+    and normalized as the model's sentence-transformers config says (modules.json, 1_Pooling)."""
+
+    info: EngineInfo  # max_num_seqs: inputs it embeds in one batch
+    dimensions: int  # the length of its vectors
+
+    @classmethod
+    def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> Embedder:
+        """Load the model (blocking; called in a worker thread)."""
+        ...
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        """Bytes this engine will hold for a model of `weights` bytes on a device of `total`."""
+        ...
+
+    def attach_to_loop(self) -> None:
+        """Called on the serving event loop once `start` has returned (in a worker thread)."""
+        ...
+
+    async def embed(self, inputs: list[list[int]], request_id: str) -> list[list[float]]:
+        """One vector per input, in order. Concurrent calls are batched together by the engine.
+        Cancelling the call drops its inputs from work not yet started."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine can no longer serve."""
+        ...
+
+    async def num_active_requests(self) -> int:
+        """Inputs being embedded or waiting in the engine right now."""
+        ...
+
+    async def shutdown(self) -> None: ...

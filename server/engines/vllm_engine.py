@@ -145,7 +145,42 @@ class _SchedulerStats:
         return Logger(vllm_config, engine_index)
 
 
-class VLLMEngine:
+class _AsyncLLM:
+    """What both vLLM engines (generating and pooling) do alike: an `AsyncLLM` in-process, its
+    output task on the serving loop, health, and a shutdown that frees it."""
+
+    llm: Any
+
+    def attach_to_loop(self) -> None:
+        """Start the output-reading task on the serving event loop.
+
+        The engine is built in a worker thread so probes keep answering while it loads; vLLM then
+        defers this task to the first request, and would miss an engine failure that happens
+        before it. Starting it here closes that gap.
+        """
+        core = getattr(self.llm, "engine_core", None)
+        ensure = getattr(core, "_ensure_output_queue_task", None)
+        if callable(ensure):
+            ensure()
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    async def num_active_requests(self) -> int:
+        return int(self.llm.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; let it run now, not during interpreter teardown
+        # when the module globals it calls are already gone (a TypeError traceback on exit)
+        del llm
+        gc.collect()
+
+
+class VLLMEngine(_AsyncLLM):
     def __init__(self, llm: Any, info: EngineInfo, by_priority: bool = False) -> None:
         self.llm = llm
         self.info = info
@@ -190,18 +225,6 @@ class VLLMEngine:
         engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
                                  max_num_seqs=int(config.scheduler_config.max_num_seqs))
         return engine
-
-    def attach_to_loop(self) -> None:
-        """Start the output-reading task on the serving event loop.
-
-        The engine is built in a worker thread so probes keep answering while it loads; vLLM then
-        defers this task to the first request, and would miss an engine failure that happens
-        before it. Starting it here closes that gap.
-        """
-        core = getattr(self.llm, "engine_core", None)
-        ensure = getattr(core, "_ensure_output_queue_task", None)
-        if callable(ensure):
-            ensure()
 
     def _params(self, spec: SamplingSpec) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -293,18 +316,63 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
-    async def check_health(self) -> None:
-        await self.llm.check_health()
 
-    async def num_active_requests(self) -> int:
-        return int(self.llm.get_num_unfinished_requests())
+# an embedding model's engine: no KV cache to speak of (an encoder attends within its batch), so
+# vLLM gets a token amount of memory for it instead of the generating engines' default 4 GiB
+EMBED_CACHE_BYTES = 64 << 20
 
-    async def shutdown(self) -> None:
-        llm, self.llm = self.llm, None
-        if llm is None:
-            return
-        llm.shutdown()
-        # AsyncLLM.__del__ shuts down again; let it run now, not during interpreter teardown
-        # when the module globals it calls are already gone (a TypeError traceback on exit)
-        del llm
-        gc.collect()
+
+class VLLMEmbedder(_AsyncLLM):
+    """vLLM's pooling runner for an embedding model: pooling and normalisation come from the
+    model's sentence-transformers config (modules.json, 1_Pooling), which vLLM reads itself."""
+
+    def __init__(self, llm: Any, info: EngineInfo, dimensions: int) -> None:
+        self.llm = llm
+        self.info = info
+        self.dimensions = dimensions
+
+    @staticmethod
+    def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
+        if device == "cuda" and settings.gpu_memory_utilization is not None:
+            return int(settings.gpu_memory_utilization * total)
+        return weights + EMBED_CACHE_BYTES + ENGINE_OVERHEAD
+
+    @classmethod
+    def start(cls, model_path: Path, settings: Settings, tokenizer: Tokenizer) -> VLLMEmbedder:
+        from dataclasses import replace
+
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        args = replace(engine_args(model_path, settings), runner="pooling")
+        if current_platform.is_cpu() and settings.kv_cache_space is None and settings.gpu_memory_utilization is None:
+            args = replace(args, kv_cache_memory_bytes=EMBED_CACHE_BYTES)
+        engine = cls(AsyncLLM.from_engine_args(args), EngineInfo("vllm", 0), 0)
+        config = engine.llm.vllm_config
+        engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
+                                 max_num_seqs=int(config.scheduler_config.max_num_seqs))
+        engine.dimensions = int(config.model_config.get_hidden_size())
+        return engine
+
+    async def embed(self, inputs: list[list[int]], request_id: str) -> list[list[float]]:
+        """Each input is its own vLLM request (vLLM batches them, and other callers', by step)."""
+        import asyncio
+
+        from vllm.pooling_params import PoolingParams
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        async def one(i: int, ids: list[int]) -> list[float]:
+            last = None
+            async for out in self.llm.encode({"prompt_token_ids": ids}, PoolingParams(task="embed"), f"{request_id}-{i}"):
+                last = out
+            assert last is not None
+            return [float(x) for x in last.outputs.data.tolist()]
+
+        try:
+            return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs))))
+        except EngineDeadError as e:
+            raise ServiceUnavailable("The embedding engine has stopped; the server must be restarted.") from e
+        except EngineGenerateError as e:
+            raise EngineError(f"The embedding engine failed on this request: {e.__cause__ or e}") from e

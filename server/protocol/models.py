@@ -14,6 +14,7 @@ class ModelCard(Wire):
     owned_by: str
     # extras (OpenAI's schema allows them): what serves it and how much context it takes
     engine: str | None = None
+    kind: Literal["generate", "embed"] | None = None  # what it serves: chat/completions/responses, or embeddings
     max_model_len: int | None = None
     root: str | None = None
     state: str | None = None  # ready, loading, or unloaded (lazy: its first request loads it)
