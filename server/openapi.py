@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 
-from server.config import DEFAULT_MODEL_NAME
+from server.config import DEFAULT_EMBEDDING_MODEL_NAME, DEFAULT_MODEL_NAME
 from server.gate import KEYED
 from server.protocol.admin import (
     AdminModelList,
@@ -35,6 +35,7 @@ from server.protocol.admin import (
 from server.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.protocol.common import ErrorResponse, Wire, _Request
 from server.protocol.completions import Completion, CompletionRequest
+from server.protocol.embeddings import EmbeddingList, EmbeddingRequest
 from server.protocol.models import ModelCard, ModelList
 from server.protocol.ops import Liveness, Readiness, ServerInfo
 from server.protocol.responses import (
@@ -102,6 +103,11 @@ ROUTES: dict[tuple[str, str], Route] = {
         "Create a text completion", {200: (Completion, "The completion (`stream` false or absent).")},
         CompletionRequest, {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8},
         stream=Completion, errors=GENERATE),
+    ("post", "/v1/embeddings"): Route(
+        "Create embeddings", {200: (EmbeddingList, "One vector per input, in order.")},
+        EmbeddingRequest, {"model": DEFAULT_EMBEDDING_MODEL_NAME, "input": ["The capital of France is Paris.",
+                                                                           "Paris is France's capital."]},
+        errors=GENERATE),
     ("post", "/tokenize"): Route(
         "Tokenize a prompt or chat messages", {200: (TokenizeResponse, "The token ids.")},
         TokenizeRequest, {"model": MODEL, "prompt": "Hello, world!"}, errors=TOKENIZE),

@@ -12,6 +12,7 @@ import jsonschema
 import schemathesis
 
 MODEL = os.environ.get("LLM_SERVICE_TEST_FUZZ_MODEL", "smollm2-135m-instruct")
+EMBED = "all-minilm-l6-v2"  # the embedding model the fuzzed server serves beside MODEL
 ERROR_KEYS = {"message", "type", "param", "code"}
 CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion",
           "/v1/responses": "ResponseStreamEvent"}
@@ -23,7 +24,7 @@ LAST_EVENTS = ("response.completed", "response.incomplete", "response.failed", "
 def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]) -> None:
     """Reach the engine: with a random model name every request is only a 404."""
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-        case.body["model"] = MODEL
+        case.body["model"] = EMBED if case.operation.path == "/v1/embeddings" else MODEL
 
 
 @schemathesis.check

@@ -43,7 +43,7 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
           "response_schema_conformance", "error_shape", "stream_chunks")  # the last two: fuzz_hooks
 # the routes in /openapi.json less the admin API's five and those of one stored response or conversation
 # (random ids: each only a 404; tests/conformance/test_responses.py drives them)
-FUZZED = 14
+FUZZED = 15
 # CI fuzzes the Transformers engine (both venvs have it); LLM_SERVICE_TEST_FUZZ_ENGINE=vllm for vLLM's
 ENGINE = os.environ.get("LLM_SERVICE_TEST_FUZZ_ENGINE", "transformers")
 
@@ -51,7 +51,7 @@ ENGINE = os.environ.get("LLM_SERVICE_TEST_FUZZ_ENGINE", "transformers")
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[ServerProcess]:
     proc = ServerProcess("--engine", ENGINE, "--enforce-eager", "--max-tokens-limit", "8", "--max-num-seqs", "4",
-                         name="fuzz")
+                         "--embedding-model", "default", name="fuzz")
     try:
         yield proc.wait_ready()
     finally:

@@ -143,6 +143,7 @@ def _sdk_bodies() -> list[tuple[str, dict[str, Any]]]:
             stream=True, stream_options={"include_obfuscation": False}),
         lambda: sdk.conversations.create(items=[{"type": "message", "role": "user", "content": "Hi"}],
                                          metadata={"topic": "x"}),
+        lambda: sdk.embeddings.create(model=MODEL, input=["a", "b"], dimensions=384, user="u-1"),
     ]
     for call in calls:
         with pytest.raises(openai.InternalServerError):
@@ -153,7 +154,7 @@ def _sdk_bodies() -> list[tuple[str, dict[str, Any]]]:
 def test_the_sdks_requests_fit_the_request_schemas(doc: dict[str, Any]) -> None:
     bodies = _sdk_bodies()
     assert [p for p, _ in bodies] == ["/v1/chat/completions", "/v1/completions", "/v1/completions", "/v1/responses",
-                                      "/v1/conversations"]
+                                      "/v1/conversations", "/v1/embeddings"]
     for path, body in bodies:
         _request_schema(doc, "post", path).validate(body)
     chat = _request_schema(doc, "post", "/v1/chat/completions")
