@@ -197,3 +197,47 @@ async def test_a_request_for_a_lazy_model_on_its_way_out_waits_and_loads_it_agai
     again, _ = await asyncio.wait_for(waiting, 5)
     assert again is entry and entry.state == "ready" and entry.served.engine is not first_engine
     assert first_engine.dead  # type: ignore[attr-defined]
+
+
+async def test_a_request_goes_only_to_a_model_of_its_kind() -> None:
+    registry = _registry([ModelSpec("chat", "/c"), ModelSpec("vectors", "/v", kind="embed")],
+                         (Alias("search", (("vectors", 1.0),)),))
+    await _ready(registry, "chat")
+    await registry.load(registry.get("vectors"))
+    await registry.get("vectors").done.wait()
+    with pytest.raises(APIError, match="is an embedding model: it serves /v1/embeddings only") as e:
+        await registry.resolve("vectors", None)
+    assert (e.value.status_code, e.value.param, e.value.code) == (400, "model", "wrong_model_kind")
+    with pytest.raises(APIError, match="serves /v1/chat/completions, /v1/completions and /v1/responses only"):
+        await registry.resolve("chat", None, kind="embed")
+    assert (await registry.resolve("search", None, kind="embed"))[0].name == "vectors"  # through an alias
+    assert (await registry.resolve("vectors", None, kind=None))[0].name == "vectors"  # /tokenize: any kind
+    assert registry.kind_of("search") == "embed" and registry.kind_of("nope") is None
+
+
+async def test_state_is_derived_and_a_dead_engine_fails_its_model() -> None:
+    registry = _registry([ModelSpec("a", "/a")])
+    entry = registry.get("a")
+    assert (entry.state, entry.loaded) == ("unloaded", None)
+    await _ready(registry, "a")
+    assert entry.state == "ready" and entry.loaded is not None and entry.served is entry.loaded.served
+    registry.metrics.running.labels("a").set(3)
+    registry.engine_died(entry, "the inference engine died: boom")
+    assert (entry.state, entry.detail, entry.served, entry.admission) == ("failed", "the inference engine died: boom",
+                                                                          None, None)
+    assert 'llm_requests_running{model="a"} 0.0' in registry.metrics.render().decode()
+    with pytest.raises(ServiceUnavailable, match="boom"):
+        await registry.resolve("a", None)
+    registry.declare(ModelSpec("a", "/a"))  # a failed model's name may be declared again
+    assert registry.get("a").state == "unloaded"
+
+
+async def test_a_refused_declaration_is_withdrawn_with_its_gauges() -> None:
+    registry = _registry([ModelSpec("a", "/a")], sizes={"a": 1.0, "big": 9.0}, memory_budget=2.0)
+    await _ready(registry, "a")
+    entry = registry.declare(ModelSpec("big", "/big"))
+    registry.refresh_gauges()
+    with pytest.raises(InsufficientMemory):
+        await registry.load(entry)
+    registry.withdraw(entry)
+    assert "big" not in registry.entries and 'model="big"' not in registry.metrics.render().decode()

@@ -37,8 +37,10 @@ class ModelDeclaration(BaseModel):
     name: str = Field(pattern=r"^\S(.*\S)?$", description="The name requests use for it.")
     source: str | None = Field(
         None, min_length=1, description=f"A local folder, a .gguf file or a hub id; '{DEFAULT_SOURCE}' "
-                                        "or absent: the embedded default model.")
+                                        "or absent: the embedded default model of its kind.")
     engine: str | None = None
+    kind: Literal["generate", "embed"] = Field(
+        "generate", description="generate: chat, completions and responses; embed: /v1/embeddings.")
     preload: bool = Field(True, description="false: only declare it; its first request loads it.")
     settings: dict[str, Any] | None = None
 
@@ -59,6 +61,7 @@ class ModelStatus(BaseModel):
 
     object: Literal["model.status"]
     id: str
+    kind: Literal["generate", "embed"]
     state: Literal["unloaded", "loading", "ready", "failed", "unloading", "removed"]
     detail: str | None  # the phase of a load in progress, or why it failed
     state_since: int
@@ -91,6 +94,7 @@ class AdminModelList(BaseModel):
 
 
 class LoadedModel(BaseModel):
+    kind: Literal["generate", "embed"]
     id: str
     state: str
     engine: str

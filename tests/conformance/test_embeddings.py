@@ -108,9 +108,24 @@ async def test_embedding_traffic_beside_chat_streams(aclient: openai.AsyncOpenAI
     # the same text in different batches (different padding) gets the same vector
     assert _cos(results[5].data[1].embedding, results[8].data[1].embedding) > 0.9999
     assert _counted(http) - before == 17
+    prefix = f'llm_prompt_tokens_total{{model="{EMBED}"'  # input tokens are counted like prompts
+    assert any(x.startswith(prefix) and float(x.rsplit(" ", 1)[1]) > 0 for x in http.get("/metrics").text.splitlines())
 
 
 def _counted(http: httpx.Client) -> float:
     lines = [x for x in http.get("/metrics").text.splitlines()
              if x.startswith("llm_requests_total{") and 'route="/v1/embeddings"' in x and 'status="200"' in x]
     return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
+
+
+def test_langchain_openai_embeddings(embedding_server: Any) -> None:
+    """LangChain's OpenAIEmbeddings, as the README tells users to configure it (it would send
+    tiktoken's ids otherwise, and tiktoken downloads its vocabulary)."""
+    from langchain_openai import OpenAIEmbeddings
+
+    lc = OpenAIEmbeddings(model=EMBED, base_url=embedding_server.base_url, api_key="none",
+                          check_embedding_ctx_length=False, max_retries=0)
+    docs = lc.embed_documents(TEXTS)
+    query = lc.embed_query("Someone is having a meal.")
+    assert len(docs) == 3 and len(query) == 384
+    assert _cos(query, docs[0]) > _cos(query, docs[2])
