@@ -109,11 +109,15 @@ async def test_embedding_traffic_beside_chat_streams(aclient: openai.AsyncOpenAI
     assert _cos(results[5].data[1].embedding, results[8].data[1].embedding) > 0.9999
     assert _counted(http) - before == 17
     prefix = f'llm_prompt_tokens_total{{model="{EMBED}"'  # input tokens are counted like prompts
-    assert any(x.startswith(prefix) and float(x.rsplit(" ", 1)[1]) > 0 for x in http.get("/metrics").text.splitlines())
+    assert any(x.startswith(prefix) and float(x.rsplit(" ", 1)[1]) > 0 for x in _metrics(http))
+
+
+def _metrics(http: httpx.Client) -> list[str]:
+    return http.get("/metrics").text.splitlines()
 
 
 def _counted(http: httpx.Client) -> float:
-    lines = [x for x in http.get("/metrics").text.splitlines()
+    lines = [x for x in _metrics(http)
              if x.startswith("llm_requests_total{") and 'route="/v1/embeddings"' in x and 'status="200"' in x]
     return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
 
