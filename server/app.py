@@ -201,7 +201,12 @@ def create_app(
             except APIError as e:  # does not fit the memory budget
                 entry.fail(e.message)
         await asyncio.gather(*(e.done.wait() for e in entries if e.state == "loading"))
-        failed = [e for e in entries if e.state == "failed"]
+        for entry in entries:
+            if entry.state == "failed" and not entry.spec.required:
+                log.warning("the default embedding model %s did not load, and the server serves without it "
+                            "(/v1/embeddings answers 503 with this reason; --embedding-model none silences this): %s",
+                            entry.name, entry.detail)
+        failed = [e for e in entries if e.state == "failed" and e.spec.required]
         if failed:
             message = " ".join(f"{e.name}: {e.detail}" for e in failed) if len(entries) > 1 else failed[0].detail
             state.fail(message)

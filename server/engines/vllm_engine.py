@@ -320,6 +320,9 @@ class VLLMEngine(_AsyncLLM):
 # an embedding model's engine: no KV cache to speak of (an encoder attends within its batch), so
 # vLLM gets a token amount of memory for it instead of the generating engines' default 4 GiB
 EMBED_CACHE_BYTES = 64 << 20
+# on a GPU, the share an embedding model's engine takes unless its settings say otherwise (vLLM's
+# default, 0.9, is the chat model's)
+EMBED_GPU_SHARE = 0.05
 
 
 class VLLMEmbedder(_AsyncLLM):
@@ -333,8 +336,8 @@ class VLLMEmbedder(_AsyncLLM):
 
     @staticmethod
     def footprint(weights: int, settings: Settings, device: str, total: int) -> int:
-        if device == "cuda" and settings.gpu_memory_utilization is not None:
-            return int(settings.gpu_memory_utilization * total)
+        if device == "cuda":
+            return int((settings.gpu_memory_utilization or EMBED_GPU_SHARE) * total)
         return weights + EMBED_CACHE_BYTES + ENGINE_OVERHEAD
 
     @classmethod
@@ -346,6 +349,8 @@ class VLLMEmbedder(_AsyncLLM):
 
         if current_platform.is_cpu():
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        elif settings.gpu_memory_utilization is None:
+            settings = replace(settings, gpu_memory_utilization=EMBED_GPU_SHARE)
         args = replace(engine_args(model_path, settings), runner="pooling")
         if current_platform.is_cpu() and settings.kv_cache_space is None and settings.gpu_memory_utilization is None:
             args = replace(args, kv_cache_memory_bytes=EMBED_CACHE_BYTES)
