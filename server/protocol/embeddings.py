@@ -52,6 +52,9 @@ class EmbeddingRequest(_Request):
         for i, x in enumerate(items):
             if isinstance(x, str | list) and not x:
                 raise InvalidRequest(f"Invalid value for 'input': input[{i}] is empty.", param="input")
+        if self.truncate_prompt_tokens == 0:
+            raise InvalidRequest("Invalid value for 'truncate_prompt_tokens': -1 (the model's context) or at least 1.",
+                                 param="truncate_prompt_tokens")
         return self
 
     def inputs(self) -> list[str | list[int]]:

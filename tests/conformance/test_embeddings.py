@@ -76,6 +76,7 @@ def test_errors(client: openai.OpenAI, http: httpx.Client) -> None:
     for body, param in [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[]]}, "input"),
                         ({"input": "x", "dimensions": 64}, "dimensions"), ({"input": [10**6]}, "input"),
                         ({"input": "x", "truncate_prompt_tokens": 10**4}, "truncate_prompt_tokens"),
+                        ({"input": [5, 6], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
                         ({"input": "x", "use_activation": False}, "use_activation"), ({"input": "x", "encoding_format": "int8"},
                                                                             "encoding_format")]:
         r = http.post("/v1/embeddings", json={"model": EMBED, **body})
