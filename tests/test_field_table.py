@@ -1,5 +1,5 @@
 """docs/fields.json against the world (no server): every field OpenAI's SDK and vLLM define has a
-row (on chat, completions, responses and conversations; for responses also every input item kind,
+row (on chat, completions, responses, conversations and embeddings; for responses also every input item kind,
 tool kind, tool_choice kind and include value), the README's table is what fields.json renders,
 and our schemas accept exactly the rows that are implemented or hints and refuse the refused ones
 (each row's `sample` is validated here; the same samples go over HTTP in
@@ -26,6 +26,7 @@ from server.protocol.chat import (
 )
 from server.protocol.common import _Request
 from server.protocol.completions import CompletionRequest
+from server.protocol.embeddings import EmbeddingRequest
 from server.protocol.responses import (
     INCLUDABLE,
     KINDS,
@@ -40,13 +41,16 @@ from tests.server_process import ROOT
 
 ROWS: list[dict[str, Any]] = json.loads((ROOT / "docs" / "fields.json").read_text())
 SCHEMAS: dict[str, type[_Request]] = {"chat": ChatCompletionRequest, "completions": CompletionRequest,
-                                      "responses": CreateResponse, "conversations": CreateConversation}
+                                      "responses": CreateResponse, "conversations": CreateConversation,
+                                      "embeddings": EmbeddingRequest}
 MINIMAL: dict[str, dict[str, Any]] = {
     "chat": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1},
     "completions": {"prompt": "Once upon a time", "max_tokens": 1},
     "responses": {"input": "Say hi.", "max_output_tokens": 1},
     "conversations": {},
+    "embeddings": {"input": "Say hi."},
 }
+EMBEDDING_MODEL = "all-minilm-l6-v2"  # the conformance servers' embedding model (embeddings rows go to it)
 NO_MODEL = {"conversations"}  # routes whose requests name no model
 # refused rows whose refusal does not name them yet (a server bug, not the table's): strict, so a
 # fix shows up as XPASS and its entry goes
@@ -77,6 +81,7 @@ def sampled(route: str, fate: str) -> list[dict[str, Any]]:
 def body(route: str, model: str, **fields: Any) -> dict[str, Any]:
     """A request for `route` with `fields` set (stream_options need stream; conversations take no
     model)."""
+    model = EMBEDDING_MODEL if route == "embeddings" else model
     out = {**({} if route in NO_MODEL else {"model": model}), **MINIMAL[route], **fields}
     if "stream_options" in fields:
         out["stream"] = True
@@ -125,13 +130,15 @@ def _fields_table() -> Any:
 
 def test_every_openai_field_has_a_row() -> None:
     from openai.types import completion_create_params as completions
+    from openai.types import embedding_create_params as embeddings
     from openai.types.chat import completion_create_params as chat
     from openai.types.conversations import conversation_create_params as conversations
     from openai.types.responses import response_create_params as responses
 
     for route, params in (("chat", chat.CompletionCreateParamsBase), ("completions", completions.CompletionCreateParamsBase),
                           ("responses", responses.ResponseCreateParamsBase),
-                          ("conversations", conversations.ConversationCreateParams)):
+                          ("conversations", conversations.ConversationCreateParams),
+                          ("embeddings", embeddings.EmbeddingCreateParams)):
         missing = set(params.__annotations__) - {r["field"] for r in rows(route)}
         assert not missing, f"OpenAI's {route} fields without a row in docs/fields.json: {sorted(missing)}"
 
@@ -163,8 +170,10 @@ def test_every_vllm_field_has_a_row() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletion
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest as VllmResponses
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest as VllmEmbeddings
 
-    for route, schema in (("chat", VllmChat), ("completions", VllmCompletion), ("responses", VllmResponses)):
+    for route, schema in (("chat", VllmChat), ("completions", VllmCompletion), ("responses", VllmResponses),
+                          ("embeddings", VllmEmbeddings)):
         missing = set(schema.model_fields) - {r["field"] for r in rows(route)}
         assert not missing, f"vLLM's {route} fields without a row in docs/fields.json: {sorted(missing)}"
 

@@ -28,7 +28,7 @@ from tests.test_field_table import (
 )
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "responses": "/v1/responses",
-         "conversations": "/v1/conversations"}
+         "conversations": "/v1/conversations", "embeddings": "/v1/embeddings"}
 
 
 def _ok(r: httpx.Response) -> None:
