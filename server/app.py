@@ -153,8 +153,8 @@ def load_served(settings: Settings, progress: Callable[[str], None]) -> Served:
     from server import models as model_files
     from server.tokenizer import Tokenizer
 
-    name, why = engines.pick(settings.engine)
     embeds = settings.model_kind == "embed"
+    name, why = engines.pick_embedder(settings.engine) if embeds else engines.pick(settings.engine)
     progress("preparing the model files")
     path = model_files.resolve(settings)
     progress("loading the tokenizer")

