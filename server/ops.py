@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from server import __version__
 
@@ -14,7 +15,8 @@ router = APIRouter()
 
 async def _readiness(request: Request) -> JSONResponse:
     """Ready when every preloaded model is; a lazy model's state is reported, not required. An
-    engine found dead marks its model failed (and, for a preloaded one, the server not ready)."""
+    engine found dead marks its model failed (and, for a preloaded required one, the server not
+    ready: the optional default embedding model is served around, as when it fails to load)."""
     state = request.app.state.server
     registry = state.registry
     for entry in registry.ready():
@@ -23,7 +25,7 @@ async def _readiness(request: Request) -> JSONResponse:
             await entry.served.engine.check_health()
         except Exception as e:  # the engine died: report it, the process stays up for probes
             registry.engine_died(entry, f"the inference engine died: {e!r}")
-            if entry.spec.preload:
+            if entry.spec.preload and entry.spec.required:  # an optional model dying is served around
                 state.fail(f"the inference engine of {entry.name} died: {e!r}")
     entries = list(registry.entries.values())
     first = entries[0] if entries else None
@@ -83,20 +85,16 @@ async def root(request: Request) -> dict[str, Any]:
         "status": state.status,
         "docs": "/docs",
         "openapi": "/openapi.json",
-        "routes": [
-            "POST /v1/chat/completions",
-            "POST /v1/completions",
-            "GET /v1/models",
-            "GET /v1/models/{model}",
-            "POST /tokenize",
-            "POST /detokenize",
-            "GET /v1/usage (admin)",
-            "GET|POST /v1/admin/models (admin)",
-            "GET|DELETE /v1/admin/models/{model} (admin)",
-            "GET /v1/admin/system (admin)",
-            "GET /health",
-            "GET /ready",
-            "GET /live",
-            "GET /metrics",
-        ],
+        "routes": _routes(request),
     }
+
+
+def _routes(request: Request) -> list[str]:
+    """What this server answers, read off its own routes (so the list cannot fall behind)."""
+    out = []
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and (route.include_in_schema or route.path == "/metrics"):
+            methods = "|".join(sorted((route.methods or set()) - {"HEAD"}))
+            admin = route.path.startswith("/v1/admin") or route.path == "/v1/usage"
+            out.append(f"{methods} {route.path}{' (admin)' if admin else ''}")
+    return out

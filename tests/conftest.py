@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from tests.server_process import ServerProcess
 
 MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-minilm-l6-v2"  # the default embedding model, served beside MODEL by `server`
 
 
 def _engines() -> list[str]:

@@ -6,19 +6,22 @@ import httpx
 import openai
 from openai.types import Model
 
-from tests.conftest import MODEL
+from tests.conftest import EMBED_MODEL, MODEL
 
 
 def test_list_models(client: openai.OpenAI, http: httpx.Client) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    # the chat model first, then the embedding model `make serve` loads beside it
+    assert [m.id for m in models.data] == [MODEL, EMBED_MODEL]
     raw = http.get("/v1/models").json()
     assert raw["object"] == "list"
-    card = raw["data"][0]
-    Model.model_validate(card)
-    assert card["object"] == "model" and card["owned_by"] and isinstance(card["created"], int)
+    card, embed = raw["data"]
+    for c in (card, embed):
+        Model.model_validate(c)
+        assert c["object"] == "model" and c["owned_by"] and isinstance(c["created"], int)
     assert card["engine"] in ("vllm", "transformers")
     assert card["max_model_len"] == 8192
+    assert (card["kind"], embed["kind"]) == ("generate", "embed")
 
 
 def test_retrieve_model(client: openai.OpenAI) -> None:
@@ -37,7 +40,10 @@ def test_probes(http: httpx.Client) -> None:
 def test_root_says_what_it_is(http: httpx.Client) -> None:
     r = http.get("/").json()
     assert r["name"] == "llm-service" and r["model"] == MODEL
-    assert "POST /v1/chat/completions" in r["routes"]
+    # every surface is listed, read off the app's routes
+    for route in ("POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
+                  "GET /v1/conversations/{conversation_id}/items", "GET /metrics", "GET /v1/admin/models (admin)"):
+        assert route in r["routes"]
     assert http.get(r["docs"]).status_code == 200
     assert http.get(r["openapi"]).json()["info"]["title"] == "llm-service"
 
