@@ -46,7 +46,9 @@ async def create(request: Request) -> Response:
             ids, whole = await target.off_loop(partial(tokenizer.encode_cut, item, body.add_special_tokens, cut, side))
         else:
             target.token_prompt(item, param="input")
-            ids, whole = (item[:cut] if side == "right" else item[len(item) - cut:]), len(item)
+            ids, whole = (item[:cut] if side == "right" else item[-cut:]), len(item)
+        if not ids:  # e.g. whitespace without special tokens: there is nothing to pool
+            raise InvalidRequest(f"Invalid 'input[{i}]': it has no tokens to embed.", param="input")
         if whole > limit and keep is None:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, input[{i}] is {whole} tokens. "

@@ -358,7 +358,7 @@ class VLLMEmbedder(_AsyncLLM):
         config = engine.llm.vllm_config
         engine.info = EngineInfo(name="vllm", max_model_len=int(config.model_config.max_model_len),
                                  max_num_seqs=int(config.scheduler_config.max_num_seqs))
-        engine.dimensions = int(config.model_config.get_hidden_size())
+        engine.dimensions = _vector_size(model_path, int(config.model_config.get_hidden_size()))
         return engine
 
     async def embed(self, inputs: list[list[int]], request_id: str) -> list[list[float]]:
@@ -375,9 +375,26 @@ class VLLMEmbedder(_AsyncLLM):
             assert last is not None
             return [float(x) for x in last.outputs.data.tolist()]
 
+        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(inputs)]
         try:
-            return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs))))
+            return list(await asyncio.gather(*tasks))
         except EngineDeadError as e:
             raise ServiceUnavailable("The embedding engine has stopped; the server must be restarted.") from e
         except EngineGenerateError as e:
             raise EngineError(f"The embedding engine failed on this request: {e.__cause__ or e}") from e
+        finally:  # one input failed (or the client left): its siblings stop taking the engine
+            for task in tasks:
+                task.cancel()
+
+
+def _vector_size(model_path: Path, hidden: int) -> int:
+    """The size of vLLM's vectors for this model: its hidden size, or the out_features of the
+    last Dense module of its sentence-transformers config (vLLM applies those projections)."""
+    modules = model_path / "modules.json"
+    size = hidden
+    if modules.exists():
+        for module in json.loads(modules.read_text()):
+            if str(module.get("type", "")).rsplit(".", 1)[-1] == "Dense":
+                config = json.loads((model_path / module.get("path", "") / "config.json").read_text())
+                size = int(config["out_features"])
+    return size

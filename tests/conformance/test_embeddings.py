@@ -41,6 +41,11 @@ def test_vectors_shapes_base64_and_usage(client: openai.OpenAI, http: httpx.Clie
     # token ids in: the same vector as the text
     by_ids = client.embeddings.create(model=EMBED, input=[tokens], encoding_format="float")
     assert by_ids.usage.prompt_tokens == len(tokens) and _cos(by_ids.data[0].embedding, r.data[0].embedding) > 0.9999
+    # cutting token ids from the left keeps the last k; an input shorter than k is kept whole
+    for keep, expect in [(len(tokens) + 2, len(tokens)), (3, 3)]:
+        cut = http.post("/v1/embeddings", json={"model": EMBED, "input": [tokens], "truncate_prompt_tokens": keep,
+                                               "truncation_side": "left"}).json()
+        assert cut["usage"]["prompt_tokens"] == expect, keep
     # the model card says what it serves
     assert client.models.retrieve(EMBED).model_extra["kind"] == "embed"
     assert client.models.retrieve(MODEL).model_extra["kind"] == "generate"
@@ -77,6 +82,7 @@ def test_errors(client: openai.OpenAI, http: httpx.Client) -> None:
                         ({"input": "x", "dimensions": 64}, "dimensions"), ({"input": [10**6]}, "input"),
                         ({"input": "x", "truncate_prompt_tokens": 10**4}, "truncate_prompt_tokens"),
                         ({"input": [5, 6], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                        ({"input": " ", "add_special_tokens": False}, "input"),  # no tokens at all
                         ({"input": "x", "use_activation": False}, "use_activation"), ({"input": "x", "encoding_format": "int8"},
                                                                             "encoding_format")]:
         r = http.post("/v1/embeddings", json={"model": EMBED, **body})
