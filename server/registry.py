@@ -373,6 +373,8 @@ class Registry:
         need = await asyncio.to_thread(self.estimator, entry.settings, memory.device, memory.total)
         if entry.state != "unloaded" and entry.state != "failed":
             return  # another request started it while this one estimated
+        if entry.forget or self.entries.get(entry.name) is not entry:
+            return  # deleted (or replaced) while this one estimated: nothing may load it now
         victims = [self.entries[name] for name in
                    placement.fit(entry.name, need, self._holdings(entry), memory, self.settings.evict_idle)]
         entry.begin_load(need, "waiting for another model's load to finish" if self._one_load.locked() else "starting")
@@ -408,11 +410,20 @@ class Registry:
                 if entry.forget:  # DELETE came while it loaded
                     self._remove(entry)
                 return
-            entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, device) - before, 0)
-        served.engine.attach_to_loop()
+            try:
+                entry.measured_bytes = max(await asyncio.to_thread(system.used_bytes, device) - before, 0)
+                served.engine.attach_to_loop()
+                admission = Admission(served.engine.info.max_num_seqs, self.settings.max_queued_requests,
+                                      self._gauges(entry))
+            except Exception as e:  # the engine started but cannot serve: it must not run on unowned
+                log.exception("model %s: its engine started but could not be attached", entry.name)
+                entry.fail(f"its engine started but could not be attached: {e!r}")
+                await self._shut_down(entry.name, served)
+                if entry.forget:
+                    self._remove(entry)
+                return
         entry.idle.set()
-        entry.loaded_with(Loaded(served, Admission(served.engine.info.max_num_seqs, self.settings.max_queued_requests,
-                                                   self._gauges(entry))), time.monotonic() - started)
+        entry.loaded_with(Loaded(served, admission), time.monotonic() - started)
         if entry.state == "unloading":  # DELETE came while it loaded
             entry.task = asyncio.create_task(self._unload(entry))
             return
@@ -426,6 +437,8 @@ class Registry:
         name = entry.name
 
         def report(running: int, waiting: int) -> None:
+            if self.entries.get(name) is not entry:
+                return  # removed: its series are gone and must not come back
             self.metrics.running.labels(name).set(running)
             self.metrics.waiting.labels(name).set(waiting)
             if running or waiting:
@@ -456,10 +469,7 @@ class Registry:
             await entry.idle.wait()
         served = entry.unloaded()
         if served is not None:
-            try:
-                await served.engine.shutdown()
-            except Exception:
-                log.exception("model %s: engine shutdown failed", entry.name)
+            await self._shut_down(entry.name, served)
         self.metrics.running.labels(entry.name).set(0)
         self.metrics.waiting.labels(entry.name).set(0)
         if entry.forget:
@@ -468,12 +478,22 @@ class Registry:
         else:
             log.info("model %s unloaded (%s); its next request loads it again", entry.name, entry.detail)
 
+    async def _shut_down(self, name: str, served: Served) -> None:
+        try:
+            await served.engine.shutdown()
+        except Exception:
+            log.exception("model %s: engine shutdown failed", name)
+
     def engine_died(self, entry: Entry, reason: str) -> None:
-        """A health check found its engine dead: it fails (and serves nothing) until declared again."""
+        """A health check found its engine dead: it fails (and serves nothing) until declared
+        again, and what is left of its engine (processes, threads, memory) is shut down."""
         log.error("model %s: %s", entry.name, reason)
+        served = entry.served
         entry.fail(reason)
         self.metrics.running.labels(entry.name).set(0)
         self.metrics.waiting.labels(entry.name).set(0)
+        if served is not None:
+            entry.task = asyncio.create_task(self._shut_down(entry.name, served))
 
     def refresh_gauges(self) -> None:
         """The per-model gauges that are read, not event-driven (at each /metrics scrape)."""

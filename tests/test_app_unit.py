@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from server import models
 from server.app import create_app
-from server.config import Settings
+from server.config import DEFAULT_EMBEDDING_MODEL_NAME, Settings
 from server.registry import Served
 from server.tokenizer import Tokenizer
 from tests.fake_engine import FakeEngine
@@ -107,6 +107,29 @@ def test_dead_engine_turns_health_503(client: TestClient, engine: FakeEngine) ->
     assert client.get("/live").status_code == 200
     err = client.post("/v1/chat/completions", json=CHAT)
     assert err.status_code == 503 and err.json()["error"]["code"] == "service_unavailable"
+
+
+def test_the_optional_embedding_model_dying_leaves_the_server_ready(tokenizer: Tokenizer, engine: FakeEngine) -> None:
+    vectors = FakeEngine([1], ["x"])
+
+    def loader(settings: Settings, progress: object) -> Served:
+        if settings.model_name == MODEL:
+            return _served(tokenizer, engine)
+        return Served(name=settings.model_name, engine=vectors, tokenizer=tokenizer, created=0,  # type: ignore[arg-type]
+                      fingerprint="fp", kind="embed")
+
+    settings = replace(UNIT, embedding_model="default")
+    with TestClient(create_app(settings, loader=loader, estimator=lambda model, device, total: 1)) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/health").json()["models"] != {MODEL: "ready", DEFAULT_EMBEDDING_MODEL_NAME: "ready"}:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        vectors.dead = True
+        r = c.get("/health")
+        assert r.status_code == 200 and r.json()["models"][DEFAULT_EMBEDDING_MODEL_NAME] == "failed"
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # the chat model serves on
+        engine.dead = True  # the required chat model dying still takes the server out of rotation
+        assert c.get("/health").status_code == 503
 
 
 def test_loading_answers_503_then_serves(tokenizer: Tokenizer, engine: FakeEngine,

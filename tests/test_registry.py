@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -222,10 +223,14 @@ async def test_state_is_derived_and_a_dead_engine_fails_its_model() -> None:
     await _ready(registry, "a")
     assert entry.state == "ready" and entry.loaded is not None and entry.served is entry.loaded.served
     registry.metrics.running.labels("a").set(3)
+    engine = entry.served.engine
     registry.engine_died(entry, "the inference engine died: boom")
     assert (entry.state, entry.detail, entry.served, entry.admission) == ("failed", "the inference engine died: boom",
                                                                           None, None)
     assert 'llm_requests_running{model="a"} 0.0' in registry.metrics.render().decode()
+    assert entry.task is not None
+    await entry.task
+    assert engine.dead  # type: ignore[attr-defined]  # what was left of it is shut down
     with pytest.raises(ServiceUnavailable, match="boom"):
         await registry.resolve("a", None)
     registry.declare(ModelSpec("a", "/a"))  # a failed model's name may be declared again
@@ -241,3 +246,47 @@ async def test_a_refused_declaration_is_withdrawn_with_its_gauges() -> None:
         await registry.load(entry)
     registry.withdraw(entry)
     assert "big" not in registry.entries and 'model="big"' not in registry.metrics.render().decode()
+
+
+async def test_a_model_deleted_while_its_memory_is_estimated_is_never_loaded() -> None:
+    gate, loads = threading.Event(), []
+
+    def estimator(model: Settings, device: str, total: int) -> int:
+        gate.wait(10)
+        return GiB // 10
+
+    def loader(settings: Settings, progress: Callable[[str], None]) -> Served:
+        loads.append(settings.model_name)
+        return _loader()(settings, progress)
+
+    registry = Registry(replace(UNIT, models=(ModelSpec("a", "/a"),)), Metrics(), loader, estimator)
+    entry = registry.declare(ModelSpec("a", "/a"))
+    loading = asyncio.create_task(registry.load(entry))
+    await asyncio.sleep(0.05)
+    registry.unload(entry, forget=True, why="DELETE")  # while the estimate runs
+    gate.set()
+    await asyncio.wait_for(loading, 5)
+    assert registry.entries == {} and entry.task is None and loads == [] and entry.state == "unloaded"
+
+
+async def test_an_engine_that_cannot_be_attached_fails_its_model_and_is_shut_down() -> None:
+    engines: list[FakeEngine] = []
+
+    def loader(settings: Settings, progress: Callable[[str], None]) -> Served:
+        served = _loader()(settings, progress)
+        engine = cast(FakeEngine, served.engine)
+
+        def attach() -> None:
+            raise RuntimeError("no event loop for it")
+
+        engine.attach_to_loop = attach  # type: ignore[method-assign]
+        engines.append(engine)
+        return served
+
+    registry = Registry(replace(UNIT, models=(ModelSpec("a", "/a"),)), Metrics(), loader,
+                        lambda model, device, total: GiB // 10)
+    entry = registry.declare(ModelSpec("a", "/a"))
+    await registry.load(entry)
+    await asyncio.wait_for(entry.done.wait(), 5)
+    assert entry.state == "failed" and "could not be attached" in entry.detail and "no event loop" in entry.detail
+    assert entry.loaded is None and engines[0].dead
