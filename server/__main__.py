@@ -122,6 +122,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "the database (off: nothing is kept; such responses answer with store: false)")
     o.add_argument("--response-retention", type=float, default=30.0, metavar="DAYS",
                    help="days a stored response, and a conversation after its last change, is kept (default 30)")
+    o.add_argument("--files-dir", default=None,
+                   help="folder for the Batch API's file contents, shared by every replica (default: in the "
+                        "database when --database-url is PostgreSQL, else 'files' in the cache folder)")
+    o.add_argument("--max-file-bytes", type=int, default=200 << 20,
+                   help="largest file POST /v1/files takes (413 beyond; default 200 MiB, OpenAI's batch input cap)")
+    o.add_argument("--batch-concurrency", type=int, default=4,
+                   help="batch lines running at once on this server (interactive requests always go first; "
+                        "default 4)")
+    o.add_argument("--batch-window", type=float, default=86400.0, metavar="SECONDS",
+                   help="what a batch's completion_window ('24h', the only value OpenAI takes) lasts here: "
+                        "a batch not done by then expires (default 86400)")
     return p
 
 

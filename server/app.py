@@ -20,13 +20,26 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
+import httpx
 from fastapi import FastAPI
 
 from server import __version__, admin, openapi, ops
-from server.api import chat, completions, conversations, embeddings, models, responses, tokenize
+from server.api import (
+    batches,
+    chat,
+    completions,
+    conversations,
+    embeddings,
+    files,
+    models,
+    responses,
+    tokenize,
+)
 from server.auth import Keys
+from server.batches import Batches, Runner
 from server.config import Settings
 from server.errors import APIError, install_handlers
+from server.files import Files
 from server.gate import Gate
 from server.limits import KeyLimits
 from server.metrics import Metrics
@@ -58,6 +71,9 @@ class ServerState:
     stored: Stored | None = None  # stored responses and conversations (the request log's database)
     background: dict[str, Live] = field(default_factory=dict)  # background responses running here
     runner: str = ""  # this instance, as background responses record who runs them
+    files: Files | None = None  # the Batch API's files and batches (the request log's database)
+    batches: Batches | None = None
+    batch_runner: Runner | None = None
     loop: asyncio.AbstractEventLoop | None = None  # the serving loop, for signal handlers
     # templating and tokenizing prompts: off the event loop (probes and streams keep being served),
     # in a bounded pool (a burst of huge prompts waits its turn instead of taking every thread)
@@ -68,6 +84,7 @@ class ServerState:
         """Refuse new work (503, readiness false), wait up to `timeout` s for admitted requests
         to finish, then call `then` (which stops the HTTP server)."""
         self.status = "stopping"
+        paused = asyncio.ensure_future(self.batch_runner.pause()) if self.batch_runner is not None else None
 
         async def wait() -> None:
             deadline = time.monotonic() + timeout
@@ -79,6 +96,8 @@ class ServerState:
                                 sum(r for r, _ in left), sum(w for _, w in left))
                     break
                 await asyncio.sleep(0.05)
+            if paused is not None:
+                await paused
             then()
 
         return asyncio.ensure_future(wait())
@@ -120,6 +139,8 @@ async def keep_store(state: ServerState) -> None:
             if responses or conversations:
                 log.info("retention: deleted %d stored response(s) and %d conversation(s) older than %g days",
                          responses, conversations, settings.response_retention)
+            if state.files is not None and (expired := await asyncio.to_thread(state.files.sweep)):
+                log.info("deleted %d file(s) past their expires_after", expired)
         except Exception as e:  # the database is down: the next round retries
             state.metrics.log_errors.inc()
             log.warning("response store upkeep failed (%s: %s); retrying later", type(e).__name__,
@@ -227,6 +248,13 @@ def create_app(
         log.info("request log: %s", state.request_log.db.url.render_as_string(hide_password=True))
         state.stored = Stored(state.request_log.db)
         state.runner = f"{socket.gethostname()}:{settings.port}"
+        state.files = Files(state.request_log.db, settings.files_folder)
+        state.batches = Batches(state.request_log.db, state.files, settings.batch_window)
+        # batch lines go through this app itself, as requests do (gate, limits, pipeline, log)
+        batch_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://llm-service.batch",
+                                         timeout=None)
+        state.batch_runner = Runner(state, state.batches, batch_client)
+        batch_work = asyncio.create_task(state.batch_runner.run())
         sweeper = asyncio.create_task(keep_store(state))
         loading = asyncio.create_task(preload())
         reaper = (asyncio.create_task(registry.unload_idle(settings.idle_unload))
@@ -239,6 +267,9 @@ def create_app(
                 reaper.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             sweeper.cancel()
+            batch_work.cancel()
+            await state.batch_runner.pause()
+            await batch_client.aclose()
             await stop_background(state)
             await registry.close()
             state.render_pool.shutdown(wait=False, cancel_futures=True)
@@ -253,7 +284,8 @@ def create_app(
     )
     app.state.server = state
     install_handlers(app)
-    for router in (chat.router, completions.router, embeddings.router, responses.router, conversations.router, models.router, tokenize.router, ops.router, admin.router,
+    for router in (chat.router, completions.router, embeddings.router, responses.router, conversations.router,
+                   files.router, batches.router, models.router, tokenize.router, ops.router, admin.router,
                    admin.usage_router):
         app.include_router(router)
     app.add_middleware(Gate, state=state)

@@ -130,6 +130,10 @@ class Keys:
     def enabled(self) -> bool:
         return bool(self.keys)
 
+    def named(self, name: str) -> Key | None:
+        """The configured key called `name` (what a batch records as its owner)."""
+        return next((k for k in self.keys if k.name == name), None)
+
     def require_admin(self, key: Key | None, what: str) -> None:
         """403 unless keys are off or `key` is an admin key."""
         if self.enabled and (key is None or not key.admin):

@@ -238,6 +238,13 @@ class Settings:
     # database; off: nothing is kept, and `store: true` responses say `"store": false`
     store_responses: bool = True
     response_retention: float = 30.0  # days a stored response (and an idle conversation) is kept
+    # the Batch API: where file contents live (None: in the database when it is PostgreSQL, else
+    # the `files` folder under the cache folder), their size cap, how many of the batch lines run
+    # at once on this replica, and the completion window's length
+    files_dir: Path | None = None
+    max_file_bytes: int = 200 << 20
+    batch_concurrency: int = 4
+    batch_window: float = 86400.0
     # many models (empty: the one --model / the default model)
     models: tuple[ModelSpec, ...] = ()
     aliases: tuple[Alias, ...] = ()
@@ -281,6 +288,10 @@ class Settings:
         if self.database_url is not None and "://" not in self.database_url:
             raise SettingsError("database_url", "must be a SQLAlchemy URL such as sqlite:///requests.db "
                                 "or postgresql+psycopg://user:password@host/dbname")
+        self._check_positive("max_file_bytes", self.max_file_bytes)
+        self._check_positive("batch_concurrency", self.batch_concurrency)
+        if not self.batch_window > 0:
+            raise SettingsError("batch_window", f"must be a positive number of seconds, not {self.batch_window}")
         if self.shutdown_timeout < 0:
             raise SettingsError("shutdown_timeout", "must not be negative")
         if self.max_queued_requests < 0:
@@ -373,8 +384,9 @@ class Settings:
             kwargs["models"], kwargs["aliases"] = tuple(models), aliases
         if kwargs.get("embedding_model") == "none":
             kwargs["embedding_model"] = None
-        if "cache_dir" in kwargs:
-            kwargs["cache_dir"] = Path(kwargs["cache_dir"]).expanduser()
+        for folder in ("cache_dir", "files_dir"):
+            if kwargs.get(folder) is not None:
+                kwargs[folder] = Path(kwargs[folder]).expanduser()
         if "api_keys_file" in kwargs:
             kwargs["api_keys_file"] = Path(kwargs["api_keys_file"]).expanduser()
         if "api_key" in kwargs:
@@ -384,6 +396,13 @@ class Settings:
     @property
     def request_log_url(self) -> str:
         return self.database_url or f"sqlite:///{self.cache_dir / 'requests.sqlite3'}"
+
+    @property
+    def files_folder(self) -> Path | None:
+        """Where uploaded and produced files' bytes live; None: in the database (PostgreSQL)."""
+        if self.files_dir is not None:
+            return self.files_dir
+        return None if self.request_log_url.startswith("postgresql") else self.cache_dir / "files"
 
     @property
     def model_name(self) -> str:

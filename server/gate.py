@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import batches
 from server.auth import Key
 from server.errors import AuthenticationError
 from server.store import Row, utcnow
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from server.app import ServerState
 
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/conversations", "/v1/models", "/v1/usage", "/v1/admin/models",
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/conversations",
+          "/v1/files", "/v1/batches", "/v1/models", "/v1/usage", "/v1/admin/models",
           "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/")
 # paths behind the keys (when keys are configured) besides everything under /v1/
 KEYED = ("/tokenize", "/detokenize")
@@ -47,10 +49,11 @@ def route_label(path: str) -> str:
         return "/v1/admin/models/{model}"
     if path.startswith("/v1/chat/completions/"):
         return "/v1/chat/completions/{id}"
-    for base in ("/v1/responses/", "/v1/conversations/"):
+    for base in ("/v1/responses/", "/v1/conversations/", "/v1/files/", "/v1/batches/"):
         if path.startswith(base):
             return base + "{id}" + ("/items" if "/items" in path else "/input_items" if path.endswith("/input_items")
-                                    else "/cancel" if path.endswith("/cancel") else "")
+                                    else "/cancel" if path.endswith("/cancel")
+                                    else "/content" if path.endswith("/content") else "")
     return path if path in ROUTES else "other"
 
 
@@ -67,6 +70,7 @@ class Access:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None
+    queued_ms: float | None = None  # how long it waited for a slot of its model's engine
     finish_reason: str | None = None
     prompt: str | None = None  # kept only with --log-content
     answer: str | None = None
@@ -76,6 +80,7 @@ class Access:
     tool_calls: int | None = None  # tool calls in the answers
     # a background response: the gate leaves its accounting to the work that outlives the request
     deferred: bool = False
+    batch_id: str | None = None  # a batch's line, run by this server's batch runner
 
 
 def access(request: Request) -> Access:
@@ -106,7 +111,18 @@ class Gate:
         status = 500
         started = time.monotonic()
         try:
-            if (path.startswith("/v1/") or path in KEYED
+            runner = state.batch_runner
+            if runner is not None and runner.trusted(headers.get(batches.HEADER)):
+                # a batch's line, sent by this process's runner: it runs as the batch's owner
+                record.batch_id = headers.get(batches.BATCH_HEADER)
+                owner = batches.owner_of(headers.get(batches.OWNER_HEADER))
+                record.key = state.keys.named(owner) if owner else None
+                if state.keys.enabled and record.key is None:
+                    e = AuthenticationError(f"The key {owner!r} that created this batch is no longer configured.")
+                    status = e.status_code
+                    await JSONResponse(e.to_dict(), status_code=status)(scope, receive, send)
+                    return
+            elif (path.startswith("/v1/") or path in KEYED
                     or (path == "/metrics" and state.settings.metrics_require_key)
                     or (path in DOCS and state.settings.docs_require_key)):
                 try:
@@ -149,9 +165,9 @@ def account(state: ServerState, record: Access, path: str, status: int, seconds:
             latency_ms=seconds * 1000, key_name=record.key.name if record.key else None,
             model=record.model or None, engine=record.engine, alias=record.alias,
             prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-            ttft_ms=record.ttft_ms, finish_reason=record.finish_reason, prompt=record.prompt,
+            ttft_ms=record.ttft_ms, queued_ms=record.queued_ms, finish_reason=record.finish_reason, prompt=record.prompt,
             answer=record.answer, metadata=record.metadata, safety_identifier=record.safety_identifier,
-            constrained=record.constrained, tool_calls=record.tool_calls,
+            constrained=record.constrained, tool_calls=record.tool_calls, batch_id=record.batch_id,
         ))
     if record.constrained is not None and 200 <= status < 300:
         state.metrics.constrained.labels(route, record.model, record.constrained).inc()

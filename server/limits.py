@@ -170,13 +170,15 @@ class KeyLimits:
 class Admission:
     """At most `capacity` sequences in the engine; up to `max_queued` requests wait for room, the
     one with the best (lowest) priority first, and among equals the one that came first. A
-    waiting request is never admitted ahead of one with a better priority."""
+    waiting request is never admitted ahead of one with a better priority, and a batch line
+    (`background`) never ahead of an interactive request, whatever their priorities."""
 
     def __init__(self, running: int, max_queued: int, on_change: Callable[[int, int], None] | None = None) -> None:
         self.capacity = running
         self.max_queued = max_queued
         self.in_use = 0
-        self.queue: list[tuple[int, int, int, asyncio.Future[None]]] = []  # heap: (priority, arrival, n, waiter)
+        # heap: (background, priority, arrival, n, waiter)
+        self.queue: list[tuple[bool, int, int, int, asyncio.Future[None]]] = []
         self.arrivals = itertools.count()
         self.on_change = on_change or (lambda running, waiting: None)
 
@@ -184,7 +186,7 @@ class Admission:
     def waiting(self) -> int:
         return len(self.queue)
 
-    async def acquire(self, n: int, priority: int = 0) -> None:
+    async def acquire(self, n: int, priority: int = 0, background: bool = False) -> None:
         """Take `n` slots (one per sequence), waiting in line if need be; 429 if the line is full."""
         n = min(n, self.capacity)  # a request wider than the batch runs alone
         if not self.queue and self.in_use + n <= self.capacity:
@@ -198,7 +200,7 @@ class Admission:
                 headers={"retry-after": "1"},
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (priority, next(self.arrivals), n, waiter)
+        entry = (background, priority, next(self.arrivals), n, waiter)
         heapq.heappush(self.queue, entry)
         self.on_change(self.in_use, self.waiting)
         try:
@@ -215,8 +217,8 @@ class Admission:
     def release(self, n: int) -> None:
         n = min(n, self.capacity)
         self.in_use -= n
-        while self.queue and self.in_use + self.queue[0][2] <= self.capacity:
-            _, _, want, waiter = heapq.heappop(self.queue)
+        while self.queue and self.in_use + self.queue[0][3] <= self.capacity:
+            _, _, _, want, waiter = heapq.heappop(self.queue)
             if waiter.done():  # its client left; its own handler is about to notice
                 continue
             self.in_use += want

@@ -49,6 +49,9 @@ class Metrics:
                                    "buffer was full (database slow or down)", registry=r)
         self.log_errors = Counter("llm_request_log_write_errors", "Failed request log writes (retried)",
                                   registry=r)
+        self.batch_lines = Counter("llm_batch_lines", "Batch lines run to a result, by endpoint and outcome "
+                                   "(ok, failed: in the error file)", ["endpoint", "outcome"], registry=r)
+        self.batch_running = Gauge("llm_batch_lines_running", "Batch lines running on this server", registry=r)
         self.log_backlog = Gauge("llm_request_log_backlog", "Request log rows not yet written", registry=r)
         self.rejections = Counter("llm_rate_limit_rejections", "Requests answered 429, by reason "
                                   "(requests, tokens, concurrency, queue_full)", ["reason"], registry=r)

@@ -32,6 +32,15 @@ from server.protocol.admin import (
     SystemInfo,
     UsageReport,
 )
+from server.protocol.batches import (
+    Batch,
+    BatchCreate,
+    BatchList,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FileUpload,
+)
 from server.protocol.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from server.protocol.common import ErrorResponse, Wire, _Request
 from server.protocol.completions import Completion, CompletionRequest
@@ -85,11 +94,12 @@ class Route:
     """What one route takes and answers."""
 
     summary: str
-    ok: dict[int, tuple[type[BaseModel], str]]  # status -> (body, when)
+    ok: dict[int, tuple[type[BaseModel] | None, str]]  # status -> (body, when); None: bytes
     request: type[BaseModel] | None = None
     example: dict[str, Any] | None = None
     stream: type[BaseModel] | None = None  # `stream: true` answers 200 with SSE events of this
     errors: tuple[int, ...] = ()
+    form: type[BaseModel] | None = None  # a multipart/form-data body (its fields by their aliases)
 
 
 ROUTES: dict[tuple[str, str], Route] = {
@@ -152,6 +162,23 @@ ROUTES: dict[tuple[str, str], Route] = {
         "One item of a conversation", {200: (StoredItem, "The item.")}, errors=STORED),
     ("delete", "/v1/conversations/{conversation_id}/items/{item_id}"): Route(
         "Delete an item of a conversation", {200: (ConversationObject, "The conversation.")}, errors=STORED),
+    ("post", "/v1/files"): Route(
+        "Upload a file (batch input: JSON Lines)", {200: (FileObject, "The file.")},
+        errors=(400, 401, 413, 503), form=FileUpload),
+    ("get", "/v1/files"): Route("List your files", {200: (FileList, "A page of files.")}, errors=(400, 401, 404, 503)),
+    ("get", "/v1/files/{file_id}"): Route("Retrieve a file", {200: (FileObject, "The file.")}, errors=STORED),
+    ("get", "/v1/files/{file_id}/content"): Route(
+        "A file's content", {200: (None, "The file's bytes.")}, errors=STORED),
+    ("delete", "/v1/files/{file_id}"): Route("Delete a file", {200: (FileDeleted, "Deleted.")}, errors=STORED),
+    ("post", "/v1/batches"): Route(
+        "Create a batch", {200: (Batch, "The batch, validating.")}, BatchCreate,
+        {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        errors=(400, 401, 413, 503)),
+    ("get", "/v1/batches"): Route("List your batches", {200: (BatchList, "A page of batches, newest first.")},
+                                  errors=(400, 401, 404, 503)),
+    ("get", "/v1/batches/{batch_id}"): Route("Retrieve a batch", {200: (Batch, "The batch.")}, errors=STORED),
+    ("post", "/v1/batches/{batch_id}/cancel"): Route(
+        "Cancel a batch", {200: (Batch, "The batch, cancelling (or as it was, if it had ended).")}, errors=STORED),
     ("get", "/v1/models"): Route("List the models", {200: (ModelList, "Every name a request may use now.")},
                                  errors=(401,)),
     ("get", "/v1/models/{model_id}"): Route("Retrieve a model", {200: (ModelCard, "The model or alias.")},
@@ -272,8 +299,9 @@ def document(app: FastAPI) -> dict[str, Any]:
     state = app.state.server
     model = next(iter(state.registry.entries), DEFAULT_MODEL_NAME)
     models: set[type[BaseModel]] = {ErrorResponse, *(r.request for r in ROUTES.values() if r.request),
+              *(r.form for r in ROUTES.values() if r.form),
               *(r.stream for r in ROUTES.values() if r.stream),
-              *(m for r in ROUTES.values() for m, _ in r.ok.values())}
+              *(m for r in ROUTES.values() for m, _ in r.ok.values() if m is not None)}
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template=REF, schema_generator=_Schema)
 
@@ -291,7 +319,9 @@ def document(app: FastAPI) -> dict[str, Any]:
             op["summary"] = route.summary
             responses: dict[str, Any] = {}
             for status, (body, when) in route.ok.items():
-                content = {"application/json": {"schema": ref(body)}}
+                content: dict[str, Any] = ({"application/json": {"schema": ref(body)}} if body is not None else
+                                           {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}})
                 if route.stream is not None and status == 200:
                     content["text/event-stream"] = _sse(route.stream)
                 responses[str(status)] = {"description": when, "content": content}
@@ -303,6 +333,8 @@ def document(app: FastAPI) -> dict[str, Any]:
                 if route.example is not None:
                     media["example"] = _fill(route.example, model)
                 op["requestBody"] = {"required": True, "content": {"application/json": media}}
+            if route.form is not None:
+                op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": ref(route.form)}}}
             if path.startswith("/v1/") or path in KEYED:
                 op["security"] = keyed
     components = doc.setdefault("components", {})

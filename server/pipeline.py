@@ -436,7 +436,8 @@ class Hold:
 
 async def hold(request: Request, target: Target, tokens: int, slots: int, priority: int) -> Hold:
     """Admit a request to `target` (every surface's): its key's limits for `tokens` (429 at once),
-    then `slots` of its model's engine, waiting in the bounded queue by `priority` (429 when full)."""
+    then `slots` of its model's engine, waiting in the bounded queue by `priority` (429 when full;
+    a batch's line waits behind every interactive request)."""
     state = request.app.state.server
     entry = target.entry
     record = access(request)
@@ -449,8 +450,10 @@ async def hold(request: Request, target: Target, tokens: int, slots: int, priori
     if admission is None:
         ticket.close(0)
         raise entry.unavailable()
+    queued = time.monotonic()
     try:
-        await unless_disconnected(request, admission.acquire(slots, priority))
+        await unless_disconnected(request, admission.acquire(slots, priority, background=record.batch_id is not None))
+        record.queued_ms = (time.monotonic() - queued) * 1000
     except BaseException as e:
         ticket.close(0)
         if isinstance(e, Overloaded):

@@ -1,5 +1,6 @@
 """The database, in SQLite (default) or PostgreSQL: the request log, stored responses and
-conversations.
+conversations, and the Batch API's files and batches (their tables here, their operations in
+`server.files` and `server.batches`).
 
 The request log is one row per `/v1/*` request, written off the request path: `record` only puts
 the row in a bounded buffer, and a writer thread inserts them in batches. A slow or dead database
@@ -36,7 +37,7 @@ import tenacity
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BATCH = 500
 FLUSH_SECONDS = 10.0
 P = ParamSpec("P")
@@ -58,6 +59,7 @@ requests_table = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=True),
     sa.Column("completion_tokens", sa.Integer, nullable=True),
     sa.Column("ttft_ms", sa.Float, nullable=True),
+    sa.Column("queued_ms", sa.Float, nullable=True),  # waiting for an engine slot (admitted at time + queued_ms)
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Column("finish_reason", sa.String(64), nullable=True),
     sa.Column("prompt", sa.Text, nullable=True),
@@ -69,6 +71,7 @@ requests_table = sa.Table(
     # tools), and the tool calls the answers made
     sa.Column("constrained", sa.String(32), nullable=True),
     sa.Column("tool_calls", sa.Integer, nullable=True),
+    sa.Column("batch_id", sa.String(64), nullable=True, index=True),  # a batch's line: the batch
     sa.Index("ix_llm_requests_key_time", "key_name", "time"),
 )
 schema_table = sa.Table(
@@ -114,6 +117,61 @@ items_table = sa.Table(
 )
 
 
+# the Batch API. A file's bytes are in `content` when the database is where they live (PostgreSQL
+# without --files-dir), else in the files folder under the file's id
+files_table = sa.Table(
+    "llm_files", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=True),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.DateTime, nullable=False, index=True),
+    sa.Column("expires", sa.DateTime, nullable=True, index=True),
+    sa.Column("content", sa.LargeBinary, nullable=True),
+)
+# a batch's own columns; its request counts and usage are read off its lines, never stored twice
+batches_table = sa.Table(
+    "llm_batches", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("ending", sa.String(16), nullable=True),  # while finalizing: completed or expired
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("metadata", sa.Text, nullable=True),
+    sa.Column("output_expires_seconds", sa.Integer, nullable=True),
+    sa.Column("errors", sa.Text, nullable=True),
+    sa.Column("output_file_id", sa.String(64), nullable=True),
+    sa.Column("error_file_id", sa.String(64), nullable=True),
+    sa.Column("created", sa.DateTime, nullable=False, index=True),
+    sa.Column("expires", sa.DateTime, nullable=False),
+    *(sa.Column(f"{phase}_at", sa.DateTime, nullable=True) for phase in
+      ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")),
+)
+# one row per request of a batch: its state is what makes a batch durable (a line whose result
+# is written is never run again; one claimed by a replica that died is claimed again when its
+# lease runs out)
+batch_lines_table = sa.Table(
+    "llm_batch_lines", metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("line", sa.Integer, primary_key=True),  # 1-based, in the input file
+    sa.Column("custom_id", sa.String(512), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending, running, done, failed
+    sa.Column("runner", sa.String(256), nullable=True),  # the replica running it
+    sa.Column("lease", sa.DateTime, nullable=True),  # its claim holds until then (renewed while it runs)
+    sa.Column("not_before", sa.DateTime, nullable=True),  # a retry after a 429 or 503 waits till then
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("result", sa.Text, nullable=True),  # its output (or error) file line
+    sa.Column("prompt_tokens", sa.Integer, nullable=True),
+    sa.Column("completion_tokens", sa.Integer, nullable=True),
+    sa.Column("cached_tokens", sa.Integer, nullable=True),
+    sa.Index("ix_llm_batch_lines_state", "batch_id", "state"),
+)
+
+
 def utcnow() -> datetime:
     """Naive UTC: SQLite keeps no time zones, so both databases store UTC without one."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -133,6 +191,7 @@ class Row:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None
+    queued_ms: float | None = None
     finish_reason: str | None = None
     prompt: str | None = None
     answer: str | None = None
@@ -140,6 +199,7 @@ class Row:
     safety_identifier: str | None = None
     constrained: str | None = None
     tool_calls: int | None = None
+    batch_id: str | None = None
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -153,8 +213,16 @@ def engine_for(url: str) -> sa.Engine:
                             connect_args={"connect_timeout": 5} if url.startswith("postgresql") else {})
 
 
+_migrating = threading.Lock()  # the request log's writer, the response store and the batch runner all migrate
+
+
 def migrate(db: sa.Engine) -> None:
     """Create what is missing; add columns a newer version introduced to an existing table."""
+    with _migrating:
+        _migrate(db)
+
+
+def _migrate(db: sa.Engine) -> None:
     metadata.create_all(db)
     inspector = sa.inspect(db)
     have = {c["name"] for c in inspector.get_columns(requests_table.name)}

@@ -83,8 +83,8 @@ async def stored(request: Request, work: Callable[[], T]) -> T:
     except (sa.exc.SQLAlchemyError, OSError) as e:
         state.metrics.log_errors.inc()
         log.error("response store: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        raise ServiceUnavailable("The response store (the server's database) is unavailable, so nothing could be "
-                                 "stored or read; retry shortly, or send 'store': false.") from None
+        raise ServiceUnavailable("The server's database is unavailable, so nothing could be stored or read; "
+                                 "retry shortly (a response can be sent with 'store': false).") from None
 
 
 # --------------------------------------------------------------------------- a response as it is built
