@@ -41,9 +41,10 @@ EXAMPLES = int(os.environ.get("LLM_SERVICE_TEST_FUZZ_EXAMPLES", "150"))
 PHASES = "examples,coverage,fuzzing" if WIDE else "examples,fuzzing"
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "error_shape", "stream_chunks")  # the last two: fuzz_hooks
-# the routes in /openapi.json less the admin API's five and those of one stored response or conversation
-# (random ids: each only a 404; tests/conformance/test_responses.py drives them)
-FUZZED = 15
+# the routes in /openapi.json less the admin API's five and those of one stored response, conversation,
+# file or batch (random ids: each only a 404; tests/conformance/test_responses.py and test_batches.py
+# drive them)
+FUZZED = 19
 # CI fuzzes the Transformers engine (both venvs have it); LLM_SERVICE_TEST_FUZZ_ENGINE=vllm for vLLM's
 ENGINE = os.environ.get("LLM_SERVICE_TEST_FUZZ_ENGINE", "transformers")
 
@@ -64,7 +65,7 @@ def test_schemathesis_finds_no_failure(fuzz_server: ServerProcess, tmp_path: Pat
     report = tmp_path / "report.json"
     cmd = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{fuzz_server.url}/openapi.json",
-        "--exclude-path-regex", "^/v1/(admin|responses|conversations)/",
+        "--exclude-path-regex", "^/v1/(admin|responses|conversations|files|batches)/",
         "--phases", PHASES,
         "--checks", ",".join(CHECKS),
         "--generation-deterministic", "--max-examples", str(EXAMPLES), "--workers", "1",

@@ -98,7 +98,7 @@ def test_every_route_is_described(doc: dict[str, Any]) -> None:
 
 def test_examples_fit_their_schemas(doc: dict[str, Any]) -> None:
     for item in doc["paths"].values():
-        if "requestBody" in item.get("post", {}):
+        if "application/json" in item.get("post", {}).get("requestBody", {}).get("content", {}):  # not multipart
             media = item["post"]["requestBody"]["content"]["application/json"]
             _validator(doc, media["schema"]).validate(media["example"])
     assert doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"][
@@ -193,6 +193,17 @@ def test_answers_fit_the_response_schemas(doc: dict[str, Any], client: TestClien
         with client.stream(method.upper(), path, json=body) as r:
             r.read()
         _check(doc, method, path, r)
+    upload = client.post("/v1/files", files={"file": ("a.jsonl", b'{"custom_id": "a"}\n')}, data={"purpose": "batch"})
+    _check(doc, "post", "/v1/files", upload)
+    _check(doc, "post", "/v1/files", client.post("/v1/files", files={"file": ("a", b"x")}, data={"purpose": "nope"}))
+    batch = client.post("/v1/batches", json={"input_file_id": upload.json()["id"], "endpoint": "/v1/completions",
+                                             "completion_window": "24h"})
+    _check(doc, "post", "/v1/batches", batch)
+    _check(doc, "post", "/v1/batches/{batch_id}/cancel", client.post(f"/v1/batches/{batch.json()['id']}/cancel"))
+    for path, route in [("/v1/files", None), ("/v1/batches", None), ("/v1/batches?limit=0", "/v1/batches"),
+                        (f"/v1/batches/{batch.json()['id']}", "/v1/batches/{batch_id}"),
+                        ("/v1/files/file-nope", "/v1/files/{file_id}")]:
+        _check(doc, "get", route or path, client.get(path))
     for path in ("/v1/conversations", "/v1/conversations?limit=0", "/v1/responses/resp_nowhere",
                  "/v1/conversations/conv_nowhere/items"):
         r = client.get(path)

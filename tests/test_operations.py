@@ -287,6 +287,25 @@ async def test_admission_orders_waiting_requests_by_priority_then_arrival() -> N
     assert order == ["urgent", "a", "b", "late-low"]
 
 
+async def test_admission_puts_every_interactive_request_before_waiting_batch_lines() -> None:
+    adm = Admission(running=1, max_queued=8)
+    await adm.acquire(1)
+    order: list[str] = []
+
+    async def wait(name: str, priority: int, background: bool) -> None:
+        await adm.acquire(1, priority, background=background)
+        order.append(name)
+        adm.release(1)
+
+    tasks = []
+    for name, priority, background in (("line-1", -9, True), ("late-low", 5, False), ("line-2", 0, True), ("a", 0, False)):
+        tasks.append(asyncio.create_task(wait(name, priority, background)))
+        await asyncio.sleep(0.01)
+    adm.release(1)
+    await asyncio.gather(*tasks)
+    assert order == ["a", "late-low", "line-1", "line-2"]  # a batch line's own priority orders only the lines
+
+
 def test_a_refused_oversized_request_still_costs_its_key() -> None:
     now = [1000.0]
     limits = KeyLimits(clock=lambda: now[0])

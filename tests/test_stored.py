@@ -321,11 +321,14 @@ def test_a_v4_database_gains_the_tables_and_keeps_its_rows(url: str) -> None:
         stored.ensure_schema()
         stored.ensure_schema()  # idempotent
         tables = set(sa.inspect(db).get_table_names())
-        assert {"llm_responses", "llm_conversations", "llm_conversation_items"} <= tables
+        assert {"llm_responses", "llm_conversations", "llm_conversation_items", "llm_files", "llm_batches",
+                "llm_batch_lines"} <= tables
         with db.connect() as conn:
             assert conn.execute(sa.text("SELECT request_id FROM llm_requests")).scalars().all() == ["old-1"]
             assert sorted(conn.execute(sa.text("SELECT version FROM llm_service_schema")).scalars()) == [4, SCHEMA_VERSION]
-        assert SCHEMA_VERSION == 5
+        assert SCHEMA_VERSION == 6
+        columns = {c["name"] for c in sa.inspect(db).get_columns("llm_requests")}
+        assert {"queued_ms", "batch_id"} <= columns  # v6's request log columns, added to the old table
         stored.put_response(_response("resp_1"))
         stored.create_conversation(_conversation("conv_1"), _items("item", 1))
         assert stored.get_response("resp_1", ALICE) is not None
