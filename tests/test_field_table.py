@@ -1,9 +1,10 @@
 """docs/fields.json against the world (no server): every field OpenAI's SDK and vLLM define has a
-row (on chat, completions, responses, conversations and embeddings; for responses also every input item kind,
-tool kind, tool_choice kind and include value), the README's table is what fields.json renders,
-and our schemas accept exactly the rows that are implemented or hints and refuse the refused ones
-(each row's `sample` is validated here; the same samples go over HTTP in
-tests/conformance/test_field_fates.py)."""
+row (on chat, completions, responses, conversations, embeddings, batches and file uploads; for
+responses also every input item kind, tool kind, tool_choice kind and include value), the README's
+table is what fields.json renders, and our schemas accept exactly the rows that are implemented or
+hints and refuse the refused ones (each row's `sample` is validated here; the same samples go over
+HTTP in tests/conformance/test_field_fates.py). File uploads are a multipart form with no pydantic
+schema: their rows are held to the form fields `server.api.files` takes."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import typing
 from typing import Any
 
 import pytest
+import typing_extensions
 from pydantic import ValidationError
 
+from server.api import files as files_api
 from server.errors import APIError, invalid_request_from
+from server.protocol.batches import BatchCreate, OutputExpiresAfter
 from server.protocol.chat import (
     CHAT_ROLES,
     REFUSED_PARTS,
@@ -42,16 +46,23 @@ from tests.server_process import ROOT
 ROWS: list[dict[str, Any]] = json.loads((ROOT / "docs" / "fields.json").read_text())
 SCHEMAS: dict[str, type[_Request]] = {"chat": ChatCompletionRequest, "completions": CompletionRequest,
                                       "responses": CreateResponse, "conversations": CreateConversation,
-                                      "embeddings": EmbeddingRequest}
+                                      "embeddings": EmbeddingRequest, "batches": BatchCreate}
+# routes whose body is a multipart form, not a schema: the form field names they take
+FORMS: dict[str, set[str]] = {"files": files_api.FIELDS}
 MINIMAL: dict[str, dict[str, Any]] = {
     "chat": {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1},
     "completions": {"prompt": "Once upon a time", "max_tokens": 1},
     "responses": {"input": "Say hi.", "max_output_tokens": 1},
     "conversations": {},
     "embeddings": {"input": "Say hi."},
+    "batches": {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
 }
 EMBEDDING_MODEL = "all-minilm-l6-v2"  # the conformance servers' embedding model (embeddings rows go to it)
-NO_MODEL = {"conversations"}  # routes whose requests name no model
+NO_MODEL = {"conversations", "batches"}  # routes whose requests name no model
+# routes whose rows carry no sample: tests/conformance/test_field_fates.py sends every sample over
+# HTTP, and a batch's hint would need an uploaded input file to be a 200 (its PATHS has no batches);
+# what these routes refuse is a value (endpoint, purpose), a 400 that is not unsupported_parameter
+UNSAMPLED = {"batches", *FORMS}
 # refused rows whose refusal does not name them yet (a server bug, not the table's): strict, so a
 # fix shows up as XPASS and its entry goes
 MISNAMED: dict[tuple[str, str], str] = {}
@@ -129,8 +140,10 @@ def _fields_table() -> Any:
 
 
 def test_every_openai_field_has_a_row() -> None:
+    from openai.types import batch_create_params as batches
     from openai.types import completion_create_params as completions
     from openai.types import embedding_create_params as embeddings
+    from openai.types import file_create_params as files
     from openai.types.chat import completion_create_params as chat
     from openai.types.conversations import conversation_create_params as conversations
     from openai.types.responses import response_create_params as responses
@@ -138,7 +151,8 @@ def test_every_openai_field_has_a_row() -> None:
     for route, params in (("chat", chat.CompletionCreateParamsBase), ("completions", completions.CompletionCreateParamsBase),
                           ("responses", responses.ResponseCreateParamsBase),
                           ("conversations", conversations.ConversationCreateParams),
-                          ("embeddings", embeddings.EmbeddingCreateParams)):
+                          ("embeddings", embeddings.EmbeddingCreateParams),
+                          ("batches", batches.BatchCreateParams), ("files", files.FileCreateParams)):
         missing = set(params.__annotations__) - {r["field"] for r in rows(route)}
         assert not missing, f"OpenAI's {route} fields without a row in docs/fields.json: {sorted(missing)}"
 
@@ -163,6 +177,21 @@ def test_every_openai_responses_kind_has_a_row() -> None:
         assert values, prefix
         missing = {v for v in values if f"{prefix}={v}" not in fields}
         assert not missing, f"OpenAI's {prefix} values without a row in docs/fields.json: {sorted(missing)}"
+
+
+def test_batch_and_file_rows_are_the_sdks_fields() -> None:
+    """Only OpenAI defines these requests: their rows are exactly its fields, nested ones included."""
+    from openai.types import batch_create_params as batches
+    from openai.types import file_create_params as files
+
+    for route, params in (("batches", batches.BatchCreateParams), ("files", files.FileCreateParams)):
+        expected: set[str] = set()
+        for name, hint in typing.get_type_hints(params).items():
+            expected.add(name)
+            for member in typing.get_args(hint) or (hint,):  # Optional[...]
+                if typing_extensions.is_typeddict(member):  # the SDK's TypedDicts are typing_extensions'
+                    expected |= {f"{name}.{kid}" for kid in member.__annotations__}
+        assert {r["field"] for r in rows(route)} == expected, route
 
 
 def test_every_vllm_field_has_a_row() -> None:
@@ -191,8 +220,9 @@ def test_rows_are_well_formed() -> None:
     keys = {"field", "routes", "sources", "fate", "note", "with", "sample"}
     for r in ROWS:
         assert set(r) <= keys and r["fate"] in ("implemented", "hint", "refused"), r
-        assert r["routes"] and set(r["routes"]) <= set(SCHEMAS) and set(r["sources"]) <= {"openai", "vllm"}, r
+        assert r["routes"] and set(r["routes"]) <= {*SCHEMAS, *FORMS} and set(r["sources"]) <= {"openai", "vllm"}, r
         assert "note" in r or "with" in r, r
+        assert not ("sample" in r and set(r["routes"]) & UNSAMPLED), f"{r['field']}: see UNSAMPLED"
     seen = [(r["field"], route) for r in ROWS for route in r["routes"]]
     assert len(seen) == len(set(seen)), "a field has two rows for one route"
 
@@ -214,6 +244,31 @@ def test_schema_accepts_what_the_table_says(route: str) -> None:
             assert r["field"] in schema.model_fields and r["field"] not in refused, r["field"]
         if r["fate"] != "implemented":
             assert "sample" in r, f"{r['field']}: refused and hint rows need a sample"
+
+
+def test_batch_schema_takes_every_row() -> None:
+    """A batch with every implemented field validates; its nested rows are OutputExpiresAfter's fields."""
+    implemented = {r["field"] for r in rows("batches", "implemented")}
+    assert implemented == {r["field"] for r in rows("batches")}
+    full = {**MINIMAL["batches"], "metadata": {"team": "search"},
+            "output_expires_after": {"anchor": "created_at", "seconds": 3600}}
+    assert set(full) == {r["field"] for r in rows("batches", top_level=True)}
+    assert _validate("batches", full) is None
+    assert {f for f in implemented if top(f) == "output_expires_after" and f != "output_expires_after"} == {
+        f"output_expires_after.{name}" for name in OutputExpiresAfter.model_fields}
+
+
+@pytest.mark.parametrize("route", list(FORMS))
+def test_form_takes_what_the_table_says(route: str) -> None:
+    """A multipart route (no schema; a form field it does not take is a 400 naming it): the form
+    fields it takes (`expires_after[anchor]` is row `expires_after.anchor`) are its rows that are
+    not refused."""
+    taken = {re.sub(r"\[(\w+)\]", r".\1", f) for f in FORMS[route]}
+    assert {top(f) for f in FORMS[route]} == {r["field"] for r in rows(route, top_level=True)}
+    assert taken <= {r["field"] for r in rows(route)}, "form fields without a row"
+    for r in rows(route):
+        accepted = r["field"] in taken or any(f.startswith(r["field"] + ".") for f in taken)
+        assert accepted == (r["fate"] != "refused"), r["field"]
 
 
 def test_messages_and_parts_match_the_table() -> None:
