@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import ENGINES
 from tests.server_process import ROOT, ServerProcess
 
 
@@ -117,3 +120,28 @@ def test_embeddings_peer_alone_reports_json() -> None:
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["threads"] == 1 and rep["texts"] == 64 and rep["dims"] == 384
     assert rep["batch 1"] > 0 and rep["batch 32"] > 0
+
+
+def test_batch_quick_run_against_the_session_server(server: ServerProcess, tmp_path: Path) -> None:
+    """benchmarks/batch.py --quick: the same prompts as one batch and as concurrent requests, and
+    interactive TTFT idle and beside a running batch, which it cancels afterwards (engine-independent:
+    once, against the first engine's server)."""
+    if server.name != f"conformance-{ENGINES[0]}":
+        pytest.skip("engine-independent: runs against the first engine's server only")
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.batch", "--url", server.url, "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "TTFT p50 is" in r.stdout and (tmp_path / "results.md").read_text() in r.stdout
+    rep = json.loads((tmp_path / "results.json").read_text())
+    t = rep["throughput"]
+    assert set(t) == {"batch", "concurrency 4", "concurrency 16"}
+    # ignore_eos and min_tokens: every answer of every run is 16 tokens, 8 prompts each
+    assert all(run["output_tokens"] == 8 * 16 and run["output_tokens_per_s"] > 0 for run in t.values())
+    assert set(rep["ratios"]) == {"batch / concurrency 4", "batch / concurrency 16"}
+    for when in ("idle", "during batch"):
+        assert len(rep["ttft_ms"][when]["values_ms"]) == 4 and rep["ttft_ms"][when]["p50"] > 0
+    bg = rep["background_batch"]
+    assert bg["lines"] == 20 and 0 <= bg["completed_at_start"] <= bg["completed_at_end"] <= 20
+    assert bg["final_status"] in ("cancelled", "completed")
