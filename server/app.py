@@ -267,7 +267,12 @@ def create_app(
                 reaper.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             sweeper.cancel()
-            batch_work.cancel()
+            state.batch_runner.paused = True  # no round starts; the one in progress ends (a claim is not cut)
+            state.batch_runner.wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(batch_work), 10)
+            except TimeoutError:
+                batch_work.cancel()
             await state.batch_runner.pause()
             await batch_client.aclose()
             await stop_background(state)

@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import secrets
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -177,13 +176,25 @@ class Batches:
                      "attempts": 0} for n, custom_id, body in lines])
 
     @_retried
+    def fail_validation(self, id: str, message: str) -> None:
+        t = batches_table
+        error = {"code": "validation_error", "message": message, "param": None, "line": None}
+        with self.db.begin() as conn:
+            conn.execute(t.update().where(t.c.id == id, t.c.status == "validating").values(
+                status="failed", failed_at=utcnow(), errors=json.dumps({"object": "list", "data": [error]})))
+
+    @_retried
     def claim(self, runner: str, n: int) -> list[Line]:
         """Up to `n` lines of in-progress batches for `runner`: pending ones, and running ones whose
         lease ran out (their replica died), oldest batch first."""
         b, t = batches_table, batch_lines_table
         now = utcnow()
-        claimable = sa.and_(sa.or_(t.c.state == "pending", sa.and_(t.c.state == "running", t.c.lease < now)),
-                            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now))
+        # a running line whose lease ran out belongs to a replica that died (never to this one: its
+        # task may still be running it); and the batch must still be in progress when it is taken
+        claimable = sa.and_(sa.or_(t.c.state == "pending",
+                                   sa.and_(t.c.state == "running", t.c.lease < now, t.c.runner != runner)),
+                            sa.or_(t.c.not_before.is_(None), t.c.not_before <= now),
+                            _batch_is(t, ("in_progress",)))
         query = (sa.select(t.c.batch_id, t.c.line, t.c.custom_id, t.c.body, b.c.endpoint, b.c.owner)
                  .join(b, b.c.id == t.c.batch_id)
                  .where(b.c.status == "in_progress", claimable)
@@ -224,8 +235,14 @@ class Batches:
         over, and its result is the one that counts)."""
         t = batch_lines_table
         with self.db.begin() as conn:
+            if self.postgres:  # wait for a finalize in progress (it holds the batch row), then see its status
+                conn.execute(sa.select(batches_table.c.status).where(batches_table.c.id == line.batch_id)
+                             .with_for_update(read=True))
+            # one statement (atomic on SQLite too): nothing is written to a batch that has ended, so
+            # its files and counts always agree
             return conn.execute(t.update().where(
                 t.c.batch_id == line.batch_id, t.c.line == line.line, t.c.runner == runner, t.c.state == "running",
+                _batch_is(t, ("in_progress", "finalizing", "cancelling")),
             ).values(state="done" if outcome.ok else "failed", runner=None, lease=None, result=json.dumps(outcome.result),
                      prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
                      cached_tokens=outcome.cached_tokens)).rowcount == 1
@@ -279,50 +296,50 @@ class Batches:
         return ended
 
     def _finalize(self, id: str, status: str) -> str | None:
+        """End a batch: its status first (a compare-and-set that also holds off `finish`), then its
+        lines read in the same transaction, its output and error files written with it."""
         b, t = batches_table, batch_lines_table
-        with self.db.connect() as conn:
-            batch = conn.execute(sa.select(b).where(b.c.id == id)).first()
-            lines = conn.execute(sa.select(t.c.line, t.c.custom_id, t.c.state, t.c.result).where(t.c.batch_id == id)
-                                 .order_by(t.c.line)).all()
-        if batch is None or batch.status != status:
-            return None
-        final = "cancelled" if status == "cancelling" else batch.ending
-        why = {"cancelled": ("batch_cancelled", "This request was not run: its batch was cancelled."),
-               "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
-               }.get(final, ("batch_failed", "This request was not run."))
-        output, errors = [], []
-        for line in lines:
-            if line.state == "done":
-                output.append(line.result)
-            elif line.state == "failed":
-                errors.append(line.result)
-            else:
-                errors.append(json.dumps({"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line.custom_id,
-                                          "response": None, "error": {"code": why[0], "message": why[1]}}))
-        now = utcnow()
-        expires = now + timedelta(seconds=batch.output_expires_seconds) if batch.output_expires_seconds else None
-        made: list[tuple[FileRow, bytes]] = []
-        for kind, content in (("output", output), ("error", errors)):
-            if content:
-                data = ("\n".join(content) + "\n").encode()
-                made.append((FileRow(new_file_id(), batch.owner, "batch_output", f"{id}_{kind}.jsonl", len(data), now,
-                                     expires), data))
-        for row, data in made:
-            self.files.write(row.id, data)
-        ids = {row.filename.rsplit("_", 1)[1]: row.id for row, _ in made}
+        made: list[FileRow] = []
         try:
             with self.db.begin() as conn:
-                if conn.execute(b.update().where(b.c.id == id, b.c.status == status).values(
-                        status=final, **{f"{final}_at": now}, output_file_id=ids.get("output.jsonl"),
-                        error_file_id=ids.get("error.jsonl"))).rowcount != 1:
-                    raise _Lost()
-                for row, data in made:
-                    self.files.insert(conn, row, data)
-        except BaseException as e:
-            for row, _ in made:
+                batch = conn.execute(sa.select(b).where(b.c.id == id)).first()
+                if batch is None or batch.status != status:
+                    return None
+                final = "cancelled" if status == "cancelling" else batch.ending or "completed"
+                now = utcnow()
+                if conn.execute(b.update().where(b.c.id == id, b.c.status == status)
+                                .values(status=final, **{f"{final}_at": now})).rowcount != 1:
+                    return None  # another replica ended it
+                lines = conn.execute(sa.select(t.c.line, t.c.custom_id, t.c.state, t.c.result)
+                                     .where(t.c.batch_id == id).order_by(t.c.line)).all()
+                why = {"cancelled": ("batch_cancelled", "This request was not run: its batch was cancelled."),
+                       "expired": ("batch_expired", "This request could not be executed before the completion "
+                                                    "window expired.")}.get(final, ("batch_failed", "This request was not run."))
+                output, errors = [], []
+                for line in lines:
+                    if line.state == "done":
+                        output.append(line.result)
+                    elif line.state == "failed":
+                        errors.append(line.result)
+                    else:
+                        errors.append(json.dumps({"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": line.custom_id,
+                                                  "response": None, "error": {"code": why[0], "message": why[1]}}))
+                expires = now + timedelta(seconds=batch.output_expires_seconds) if batch.output_expires_seconds else None
+                ids: dict[str, str | None] = {"output": None, "error": None}
+                for kind, content in (("output", output), ("error", errors)):
+                    if content:
+                        data = ("\n".join(content) + "\n").encode()
+                        row = FileRow(new_file_id(), batch.owner, "batch_output", f"{id}_{kind}.jsonl", len(data), now,
+                                      expires)
+                        self.files.write(row.id, data)
+                        made.append(row)
+                        self.files.insert(conn, row, data)
+                        ids[kind] = row.id
+                conn.execute(b.update().where(b.c.id == id).values(output_file_id=ids["output"],
+                                                                   error_file_id=ids["error"]))
+        except BaseException:
+            for row in made:
                 self.files.discard(row.id)
-            if isinstance(e, _Lost):
-                return None  # another replica finalized it
             raise
         return final
 
@@ -370,8 +387,10 @@ class Batches:
         return out
 
 
-class _Lost(Exception):
-    """Another replica made this step first."""
+def _batch_is(t: sa.Table, statuses: tuple[str, ...]) -> sa.ColumnElement[bool]:
+    """The line's batch has one of `statuses` (a correlated EXISTS, so it holds within the statement)."""
+    b = batches_table
+    return sa.exists().where(b.c.id == t.c.batch_id, b.c.status.in_(statuses)).correlate(t)
 
 
 def _parse(data: bytes, endpoint: str) -> tuple[list[tuple[int, str, dict[str, Any]]], list[dict[str, Any]]]:
@@ -403,8 +422,10 @@ def _parse(data: bytes, endpoint: str) -> tuple[list[tuple[int, str, dict[str, A
         for name, value in (("custom_id", custom_id), ("method", method), ("url", url), ("body", body)):
             if value is None:
                 bad(n, "missing_required_parameter", f"Missing required parameter: '{name}'.", name)
-        if custom_id is not None and (not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512):
-            bad(n, "invalid_custom_id", "'custom_id' must be a non-empty string of at most 512 characters.", "custom_id")
+        if custom_id is not None and (not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512
+                                      or not _storable(custom_id)):
+            bad(n, "invalid_custom_id", "'custom_id' must be a non-empty string of at most 512 characters (valid "
+                "Unicode, without NUL).", "custom_id")
         elif isinstance(custom_id, str) and custom_id in seen:
             bad(n, "duplicate_custom_id", f"The custom_id {custom_id!r} is also on line {seen[custom_id]}; each must be "
                 "unique within a batch.", "custom_id")
@@ -424,6 +445,15 @@ def _parse(data: bytes, endpoint: str) -> tuple[list[tuple[int, str, dict[str, A
         errors.append({"code": "too_many_requests", "message": f"A batch may hold at most {MAX_LINES} requests, "
                        f"not {len(lines)}.", "param": None, "line": None})
     return lines, errors
+
+
+def _storable(text: str) -> bool:
+    """Text both databases can store: valid UTF-8 (no lone surrogates) and no NUL (PostgreSQL's)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def check_jsonl(data: bytes) -> None:
@@ -460,15 +490,29 @@ class Runner:
         return header is not None and hmac.compare_digest(header.encode(), self.secret.encode())
 
     async def run(self) -> None:
-        renewed = time.monotonic()
         await self._start()
+        renewing = asyncio.create_task(self._renew())
+        try:
+            await self._rounds()
+        finally:
+            renewing.cancel()
+
+    async def _renew(self) -> None:
+        """The leases of the lines running here, renewed on their own clock: a long round (a big
+        validation, a database that stalls) must not let them run out while the lines run."""
         while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            if self.running:
+                try:
+                    await asyncio.to_thread(self.batches.renew, self.id)
+                except Exception as e:
+                    log.warning("batch runner: lease renewal failed (%s); retrying", type(e).__name__)
+
+    async def _rounds(self) -> None:
+        while not self.paused:
             self.wake.clear()
             try:
                 await self._round()
-                if self.running and time.monotonic() - renewed > RENEW_SECONDS:
-                    await asyncio.to_thread(self.batches.renew, self.id)
-                    renewed = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the database is down: the next round retries
@@ -497,7 +541,13 @@ class Runner:
     async def _round(self) -> None:
         b = self.batches
         for id in await asyncio.to_thread(b.validating):
-            await asyncio.to_thread(b.validate, id)
+            try:
+                await asyncio.to_thread(b.validate, id)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                raise  # the database: the next round retries
+            except Exception as e:  # this batch cannot be read or stored: it fails, the others go on
+                log.exception("batch %s: validation failed", id)
+                await asyncio.to_thread(b.fail_validation, id, f"The input file could not be validated: {e}")
         if self.running:  # lines of batches cancelled or past their window stop here
             statuses = await asyncio.to_thread(b.statuses, {line.batch_id for line in self.running.values()})
             for task, line in list(self.running.items()):
@@ -532,7 +582,8 @@ class Runner:
             await asyncio.to_thread(b.release, line, runner, retry)
             return
         if not await asyncio.to_thread(b.finish, line, runner, outcome):
-            log.warning("batch %s line %d: another replica took it over; its result counts", line.batch_id, line.line)
+            log.warning("batch %s line %d: not written (another replica took the line over, or its batch ended)",
+                        line.batch_id, line.line)
             return
         self.state.metrics.batch_lines.labels(line.endpoint, "ok" if outcome.ok else "failed").inc()
 

@@ -193,7 +193,9 @@ class Admission:
             self.in_use += n
             self.on_change(self.in_use, self.waiting)
             return
-        if len(self.queue) >= self.max_queued:
+        # batch lines never take an interactive request's place in the line
+        queued = len(self.queue) if background else sum(1 for e in self.queue if not e[0])
+        if queued >= self.max_queued:
             raise Overloaded(
                 f"The server is at capacity ({self.in_use} sequences running, {len(self.queue)} requests "
                 "queued). Please retry shortly.",

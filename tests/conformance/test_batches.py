@@ -110,12 +110,14 @@ def test_bad_files_and_bad_lines(client: openai.OpenAI, http: httpx.Client) -> N
     assert r.status_code == 400 and r.json()["error"]["param"] == "endpoint"
     # lines that are not requests: the batch fails, each error naming its line
     line = chat_line("dup", "hi")
-    f = upload(client, [line, line, {**chat_line("u", "hi"), "url": "/v1/completions"}, {"custom_id": "m"}])
+    f = upload(client, [line, line, {**chat_line("u", "hi"), "url": "/v1/completions"}, {"custom_id": "m"},
+                        chat_line("\ud800", "hi")])  # a lone surrogate: no database can store it
     batch = wait(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                                completion_window="24h").id)
     assert batch.status == "failed" and batch.failed_at and batch.errors is not None and batch.errors.data
     found = {(x.code, x.line) for x in batch.errors.data}
-    assert {("duplicate_custom_id", 2), ("invalid_url", 3), ("missing_required_parameter", 4)} <= found, found
+    assert {("duplicate_custom_id", 2), ("invalid_url", 3), ("missing_required_parameter", 4),
+            ("invalid_custom_id", 5)} <= found, found
 
 
 def test_a_failing_line_goes_to_the_error_file_and_the_batch_goes_on(client: openai.OpenAI) -> None:
