@@ -451,10 +451,19 @@ async def hold(request: Request, target: Target, tokens: int, slots: int, priori
         ticket.close(0)
         raise entry.unavailable()
     queued = time.monotonic()
+    granted = False
+
+    async def acquire() -> None:
+        nonlocal granted
+        await admission.acquire(slots, priority, background=record.batch_id is not None)
+        granted = True
+
     try:
-        await unless_disconnected(request, admission.acquire(slots, priority, background=record.batch_id is not None))
+        await unless_disconnected(request, acquire())
         record.queued_ms = (time.monotonic() - queued) * 1000
     except BaseException as e:
+        if granted:  # the slots came just as this request was cancelled (a background response's cancel)
+            admission.release(slots)
         ticket.close(0)
         if isinstance(e, Overloaded):
             state.metrics.rejections.labels("queue_full").inc()

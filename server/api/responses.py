@@ -576,6 +576,8 @@ async def _run_background(request: Request, body: CreateResponse, history: list[
             await asyncio.shield(persist(request, live, quiet=True))
         raise
     finally:
+        if started is not None:  # cancelled anywhere (even before its events began): its slot and limits go back
+            started.run.close()
         state.background.pop(live.id, None)
         live.close()
         gate.account(state, access(request), ROUTE, status, time.monotonic() - began)
