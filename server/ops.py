@@ -6,7 +6,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 
 from server import __version__
 
@@ -90,11 +89,10 @@ async def root(request: Request) -> dict[str, Any]:
 
 
 def _routes(request: Request) -> list[str]:
-    """What this server answers, read off its own routes (so the list cannot fall behind)."""
+    """What this server answers, read off its own API description (so the list cannot fall behind),
+    and /metrics, which that leaves out."""
     out = []
-    for route in request.app.routes:
-        if isinstance(route, APIRoute) and (route.include_in_schema or route.path == "/metrics"):
-            methods = "|".join(sorted((route.methods or set()) - {"HEAD"}))
-            admin = route.path.startswith("/v1/admin") or route.path == "/v1/usage"
-            out.append(f"{methods} {route.path}{' (admin)' if admin else ''}")
-    return out
+    for path, item in request.app.openapi()["paths"].items():
+        admin = path.startswith("/v1/admin") or path == "/v1/usage"
+        out += [f"{method.upper()} {path}{' (admin)' if admin else ''}" for method in item]
+    return [*out, "GET /metrics"]
