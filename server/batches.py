@@ -40,7 +40,15 @@ from urllib.parse import quote, unquote
 import sqlalchemy as sa
 
 from server.files import FileRow, Files, new_file_id
-from server.store import Viewer, _retried, batch_lines_table, batches_table, migrate, utcnow
+from server.store import (
+    Viewer,
+    _retried,
+    batch_lines_table,
+    batches_table,
+    keyset_page,
+    migrate,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -122,15 +130,10 @@ class Batches:
     def page(self, viewer: Viewer, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
         """Newest first; KeyError for an `after` the viewer cannot see."""
         t = batches_table
-        query = sa.select(t).where(viewer.sees(t.c.owner))
+        visible = viewer.sees(t.c.owner)
         with self.db.connect() as conn:
-            if after is not None:
-                mark = conn.execute(sa.select(t.c.created, t.c.id).where(t.c.id == after, viewer.sees(t.c.owner))).first()
-                if mark is None:
-                    raise KeyError(after)
-                query = query.where(sa.tuple_(t.c.created, t.c.id) < sa.tuple_(mark.created, mark.id))
-            rows = conn.execute(query.order_by(t.c.created.desc(), t.c.id.desc()).limit(limit + 1)).all()
-            return self._objects(conn, list(rows[:limit])), len(rows) > limit
+            rows, more = keyset_page(conn, t, visible, sa.select(t).where(visible), limit, after, "desc")
+            return self._objects(conn, rows), more
 
     @_retried
     def cancel(self, id: str, viewer: Viewer) -> dict[str, Any] | None:

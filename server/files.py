@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from server.store import Viewer, _retried, files_table, utcnow
+from server.store import Viewer, _retried, files_table, keyset_page, utcnow
 
 # what a client may upload, and what batches make
 UPLOAD_PURPOSES = ("batch", "user_data")
@@ -123,19 +123,13 @@ class Files:
              order: Literal["asc", "desc"]) -> tuple[list[FileRow], bool]:
         """A page ordered by (created, id), and whether more follow; KeyError for an unseen `after`."""
         t = files_table
-        query = sa.select(*_columns()).where(self._visible(viewer))
+        visible = self._visible(viewer)
+        query = sa.select(*_columns()).where(visible)
         if purpose is not None:
             query = query.where(t.c.purpose == purpose)
         with self.db.connect() as conn:
-            if after is not None:
-                mark = conn.execute(sa.select(t.c.created, t.c.id).where(t.c.id == after, self._visible(viewer))).first()
-                if mark is None:
-                    raise KeyError(after)
-                key, at = sa.tuple_(t.c.created, t.c.id), sa.tuple_(mark.created, mark.id)
-                query = query.where(key > at if order == "asc" else key < at)
-            by = (t.c.created.asc(), t.c.id.asc()) if order == "asc" else (t.c.created.desc(), t.c.id.desc())
-            rows = conn.execute(query.order_by(*by).limit(limit + 1)).all()
-        return [FileRow(*r) for r in rows[:limit]], len(rows) > limit
+            rows, more = keyset_page(conn, t, visible, query, limit, after, order)
+        return [FileRow(*tuple(r)) for r in rows], more
 
     @_retried
     def sweep(self) -> int:

@@ -172,6 +172,23 @@ batch_lines_table = sa.Table(
 )
 
 
+def keyset_page(conn: sa.Connection, table: sa.Table, visible: sa.ColumnElement[bool], query: sa.Select[Any],
+                limit: int, after: str | None, order: Literal["asc", "desc"]) -> tuple[list[sa.Row[Any]], bool]:
+    """A page of `query` over `table` ordered by (created, id), after the row `after` (KeyError when
+    no `visible` row has that id), and whether more follow: the lists of conversations, files and
+    batches."""
+    key = sa.tuple_(table.c.created, table.c.id)
+    if after is not None:
+        mark = conn.execute(sa.select(table.c.created, table.c.id).where(table.c.id == after, visible)).first()
+        if mark is None:
+            raise KeyError(after)
+        at = sa.tuple_(mark.created, mark.id)
+        query = query.where(key > at if order == "asc" else key < at)
+    by = (table.c.created.asc(), table.c.id.asc()) if order == "asc" else (table.c.created.desc(), table.c.id.desc())
+    rows = conn.execute(query.order_by(*by).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit
+
+
 def utcnow() -> datetime:
     """Naive UTC: SQLite keeps no time zones, so both databases store UTC without one."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -588,18 +605,10 @@ class Stored:
         """A page ordered by (created, id), and whether more follow. `after` is a conversation id;
         KeyError when it is not visible."""
         c = conversations_table
-        query = sa.select(c).where(viewer.sees(c.c.owner))
+        visible = viewer.sees(c.c.owner)
         with self.db.connect() as conn:
-            if after is not None:
-                mark = conn.execute(sa.select(c.c.created, c.c.id)
-                                    .where(c.c.id == after, viewer.sees(c.c.owner))).first()
-                if mark is None:
-                    raise KeyError(after)
-                key, at = sa.tuple_(c.c.created, c.c.id), sa.tuple_(mark.created, mark.id)
-                query = query.where(key > at if order == "asc" else key < at)
-            by = (c.c.created.asc(), c.c.id.asc()) if order == "asc" else (c.c.created.desc(), c.c.id.desc())
-            rows = conn.execute(query.order_by(*by).limit(limit + 1)).all()
-        return [_conversation(row) for row in rows[:limit]], len(rows) > limit
+            rows, more = keyset_page(conn, c, visible, sa.select(c).where(visible), limit, after, order)
+        return [_conversation(row) for row in rows], more
 
     @_retried
     def add_items(self, conversation_id: str, viewer: Viewer, items: list[tuple[str, dict[str, Any]]]) -> bool:

@@ -63,9 +63,7 @@ async def list_batches(request: Request, after: str | None = None, limit: int = 
         data, more = await stored(request, lambda: batches(request).page(viewer(request), limit, after))
     except KeyError:
         raise _not_found(after or "") from None
-    batches_ = [Batch.model_validate(b) for b in data]
-    return JSONResponse(BatchList(data=batches_, first_id=batches_[0].id if batches_ else None,
-                                  last_id=batches_[-1].id if batches_ else None, has_more=more).model_dump())
+    return JSONResponse(BatchList.of([Batch.model_validate(b) for b in data], more))
 
 
 @router.get(ROUTE + "/{batch_id}", response_model=None)

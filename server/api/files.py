@@ -130,9 +130,7 @@ async def list_files(request: Request, purpose: str | None = None, limit: int = 
         rows, more = await stored(request, lambda: files(request).page(viewer(request), purpose, limit, after, order))
     except KeyError:
         raise _not_found(after or "") from None
-    data = [FileObject.model_validate(r.object()) for r in rows]
-    return JSONResponse(FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                                 has_more=more).model_dump())
+    return JSONResponse(FileList.of([FileObject.model_validate(r.object()) for r in rows], more))
 
 
 @router.get(ROUTE + "/{file_id}", response_model=None)

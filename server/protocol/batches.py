@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -53,13 +53,25 @@ class FileObject(Wire):
     status_details: str | None = None
 
 
-class FileList(Wire):
+class _Page(Wire):
+    """A page of a list, in OpenAI's shape."""
+
     KEEP_NULL = frozenset({"first_id", "last_id"})
     object: Literal["list"] = "list"
-    data: list[FileObject]
+    data: list[Any]  # each subclass names its objects
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+    @classmethod
+    def of(cls, data: list[Any], more: bool) -> dict[str, Any]:
+        """The page of `data` (objects with an `id`), as sent."""
+        return cls(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                   has_more=more).model_dump()
+
+
+class FileList(_Page):
+    data: list[FileObject]
 
 
 class FileDeleted(Wire):
@@ -132,10 +144,5 @@ class Batch(Wire):
     usage: BatchUsage
 
 
-class BatchList(Wire):
-    KEEP_NULL = frozenset({"first_id", "last_id"})
-    object: Literal["list"] = "list"
+class BatchList(_Page):
     data: list[Batch]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
