@@ -25,6 +25,7 @@ import asyncio
 import copy
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from server.errors import (
 from server.gate import access
 from server.protocol.chat import ChatCompletionRequest
 from server.protocol.responses import CreateResponse, ResponseDeleted, new_id
-from server.store import ChainTooLong, MissingAncestor, StoredResponse, Viewer, utcnow
+from server.store import ChainTooLong, MissingAncestor, Stored, StoredResponse, Viewer, utcnow
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -105,6 +106,9 @@ class Live:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     closed: bool = False  # its last event is out (followers stop there)
+    versions: int = 0  # of the object, as handed to the store
+    written: int = 0  # the newest version the store holds
+    writing: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def id(self) -> str:
@@ -130,6 +134,22 @@ class Live:
 
     def snapshot(self) -> dict[str, Any]:
         return copy.deepcopy(self.obj)
+
+    def put(self, store: Stored | None) -> Callable[[], None]:
+        """The store's write of the object as it is now, for a worker thread. A cancel leaves a write
+        running in its thread, so a later one can finish first: an older version never lands on a newer."""
+        record = self.record()
+        self.versions += 1
+        version = self.versions
+
+        def write() -> None:
+            with self.writing:
+                if version > self.written:
+                    assert store is not None  # callers check storage first
+                    store.put_response(record)
+                    self.written = version
+
+        return write
 
     def record(self) -> StoredResponse:
         conversation = self.obj.get("conversation")
@@ -414,7 +434,7 @@ async def persist(request: Request, live: Live, quiet: bool = False) -> None:
     conversation = live.obj.get("conversation")
     try:
         if live.obj["store"]:
-            await stored(request, lambda: state.stored.put_response(live.record()))
+            await stored(request, live.put(state.stored))
         if conversation is not None and live.obj["status"] in ("completed", "incomplete"):
             items = [(item["id"], item) for item in live.input + live.obj["output"]]
             # the request could read the conversation when it began (so its key may write it)
@@ -466,7 +486,7 @@ async def create(request: Request) -> Response:
     started = await begin(request, body, history, items, engine_id)
     if keep:  # the database takes it before any token is generated, or the client hears why not
         try:
-            await stored(request, lambda: state.stored.put_response(live.record()))
+            await stored(request, live.put(state.stored))
         except BaseException:  # refused, or the client left while it was written: the run's slot is freed
             started.run.close()
             raise
@@ -532,7 +552,7 @@ def _detached(request: Request) -> Request:
 
 async def _background(request: Request, body: CreateResponse, history: list[dict[str, Any]], live: Live) -> Response:
     state = request.app.state.server
-    await stored(request, lambda: state.stored.put_response(live.record()))
+    await stored(request, live.put(state.stored))
     record = access(request)
     record.deferred = True  # accounted when the work ends
     work = _detached(request)
