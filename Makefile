@@ -4,6 +4,8 @@
 #   make serve              serve the default model on :8000 (ARGS="--port 9000 ..." to pass flags)
 #   make test               run the test suite (installs first when .venv is missing or stale)
 #   make lint               ruff + mypy
+#   make web                rebuild the chat page (web/ -> server/web/assets, checked in; needs Node.js 18+)
+#   make web-check          CI: fail when the checked-in page is not what web/ builds
 #   make up / make down     the compose stack (PROFILE=cpu or gpu): server(s), nginx, Prometheus,
 #                           Grafana, PostgreSQL; needs Docker with compose >= 2.24
 #
@@ -29,7 +31,7 @@ comma := ,
 SERVE_ENGINE := $(if $(filter transformers,$(ENGINE)),transformers,auto)
 TEST_ENGINES := $(if $(filter transformers,$(ENGINE)),transformers,vllm$(comma)transformers)
 
-.PHONY: install serve test lint clean up down
+.PHONY: install serve test lint clean up down web web-check
 
 install: $(STAMP)
 
@@ -83,3 +85,12 @@ deploy/keys.yaml:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
+
+# The chat page's script and styles, bundled from npm packages by esbuild. The build is checked in
+# (server/web/assets), so serving and testing need no Node.js; this rebuilds it after web/ changes.
+web:
+	cd web && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+
+web-check: web
+	@test -z "$$(git status --porcelain -- server/web/assets)" || \
+		{ git status --short -- server/web/assets; echo "server/web/assets is stale: run 'make web' and commit it" >&2; exit 1; }

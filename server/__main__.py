@@ -120,6 +120,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     o.add_argument("--store-responses", type=_on_off, default=True, metavar="on|off",
                    help="keep Responses API responses with store: true (OpenAI's default) and conversations in "
                         "the database (off: nothing is kept; such responses answer with store: false)")
+    o.add_argument("--chat-page", type=_on_off, default=True, metavar="on|off",
+                   help="the chat page at / (for browsers) and /chat (off: / answers JSON only and /chat is 404)")
     o.add_argument("--response-retention", type=float, default=30.0, metavar="DAYS",
                    help="days a stored response, and a conversation after its last change, is kept (default 30)")
     o.add_argument("--files-dir", default=None,

@@ -45,6 +45,7 @@ from server.limits import KeyLimits
 from server.metrics import Metrics
 from server.registry import Estimator, Loader, Registry, Served, estimate
 from server.store import RequestLog, Stored, utcnow
+from server.web import page as web
 
 if TYPE_CHECKING:
     from server.api.responses import Live
@@ -293,6 +294,8 @@ def create_app(
                    files.router, batches.router, models.router, tokenize.router, ops.router, admin.router,
                    admin.usage_router):
         app.include_router(router)
+    if settings.chat_page:
+        web.install(app)
     app.add_middleware(Gate, state=state)
     openapi.install(app)
     return app

@@ -237,6 +237,7 @@ class Settings:
     # the Responses API: responses with `store` (OpenAI's default) and conversations are kept in the
     # database; off: nothing is kept, and `store: true` responses say `"store": false`
     store_responses: bool = True
+    chat_page: bool = True  # the web page at / (browsers) and /chat
     response_retention: float = 30.0  # days a stored response (and an idle conversation) is kept
     # the Batch API: where file contents live (None: in the database when it is PostgreSQL, else
     # the `files` folder under the cache folder), their size cap, how many of the batch lines run

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 # route labels for metrics: the paths we serve, never raw client paths (unbounded cardinality)
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/conversations",
           "/v1/files", "/v1/batches", "/v1/models", "/v1/usage", "/v1/admin/models",
-          "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/")
+          "/v1/admin/system", "/tokenize", "/detokenize", "/health", "/ready", "/live", "/metrics", "/",
+          "/chat")
 # paths behind the keys (when keys are configured) besides everything under /v1/
 KEYED = ("/tokenize", "/detokenize")
 # ...and the paths whose requests go into the request log
@@ -54,6 +55,8 @@ def route_label(path: str) -> str:
             return base + "{id}" + ("/items" if "/items" in path else "/input_items" if path.endswith("/input_items")
                                     else "/cancel" if path.endswith("/cancel")
                                     else "/content" if path.endswith("/content") else "")
+    if path.startswith("/chat/assets/"):
+        return "/chat/assets/{name}"
     return path if path in ROUTES else "other"
 
 

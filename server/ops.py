@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server import __version__
+from server.web import page as web
 
 router = APIRouter()
 
@@ -72,8 +73,11 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/")
-async def root(request: Request) -> dict[str, Any]:
+@router.get("/", response_model=None)
+async def root(request: Request) -> dict[str, Any] | Response:
+    """What this server is, as JSON; a browser gets the chat page (server/web/page.py)."""
+    if web.wanted(request):
+        return web.page()
     state = request.app.state.server
     return {
         "name": "llm-service",
@@ -83,6 +87,7 @@ async def root(request: Request) -> dict[str, Any]:
         "models": list(state.registry.entries),
         "status": state.status,
         "docs": "/docs",
+        "chat": "/chat" if state.settings.chat_page else None,
         "openapi": "/openapi.json",
         "routes": _routes(request),
     }
