@@ -209,3 +209,18 @@ def test_metrics_can_require_a_key(tokenizer: Tokenizer, engine: FakeEngine) -> 
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 401
         ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-metrics-1"})
         assert ok.status_code == 200 and ok.headers["x-request-id"]
+
+
+def test_chat_page_is_open_and_can_be_turned_off(tokenizer: Tokenizer, engine: FakeEngine) -> None:
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    keyed = replace(UNIT, api_key=("sk-page-1",))
+    for c in _client(tokenizer, engine, keyed):
+        # the page holds no data: a browser's navigation (which cannot send a key) gets it; its data needs the key
+        page = c.get("/", headers=browser)
+        assert page.status_code == 200 and "/chat/assets/app.js" in page.text
+        assert c.get("/chat").text == page.text and c.get("/chat/assets/app.css").status_code == 200
+        assert c.get("/v1/conversations").status_code == 401
+        assert c.get("/").json()["chat"] == "/chat"
+    for c in _client(tokenizer, FakeEngine([100], ["a"]), replace(UNIT, chat_page=False)):
+        assert c.get("/", headers=browser).json()["chat"] is None
+        assert c.get("/chat").status_code == 404 and c.get("/chat/assets/app.js").status_code == 404
