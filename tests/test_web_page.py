@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,12 +22,15 @@ import pytest
 from tests.conftest import MODEL
 from tests.server_process import LOG_DIR, ServerProcess
 
-sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-if CHROMIUM is None:
-    if os.environ.get("LLM_SERVICE_TEST_BROWSER") == "1":
+if os.environ.get("LLM_SERVICE_TEST_BROWSER") == "1":  # CI: a missing browser or driver is a failure
+    if CHROMIUM is None:
         raise RuntimeError("LLM_SERVICE_TEST_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
-    pytest.skip("no chromium on PATH", allow_module_level=True)
+    import playwright.sync_api as sync_api
+else:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH", allow_module_level=True)
 
 SHOTS = LOG_DIR / "screenshots"
 KEY, TIGHT = "sk-web-team-123456", "sk-web-tight-12345"
@@ -156,7 +160,7 @@ def test_chat_streams_and_is_kept_on_the_server(browser: Any, site: ServerProces
     answer = page.tab.inner_text(ANSWER)
     assert answer.strip()
     stats = page.tab.inner_text(".message.assistant .stats")
-    assert re.search(r"TTFT \d+ ms · [\d.]+ tok/s · \d+ in · \d+ out", stats), stats
+    assert re.search(r"TTFT \d+ ms · [\d.]+ tok/s · \d+ in( \(\d+ cached\))? · \d+ out", stats), stats
     conversation = page.conversation_id()
     kept = items(site, conversation)
     assert [(i["role"], i["content"][0]["text"]) for i in kept] == [
@@ -192,7 +196,8 @@ def test_stop_aborts_the_generation_on_the_server(browser: Any, site: ServerProc
     # what was said so far is kept in the conversation, marked incomplete
     kept = items(site, page.conversation_id())
     assert [(i["role"], i["status"]) for i in kept] == [("user", "completed"), ("assistant", "incomplete")]
-    assert kept[1]["content"][0]["text"].strip() in page.tab.inner_text(ANSWER).strip() + "\n"
+    assert kept[1]["content"][0]["text"].strip()
+    assert page.tab.get_attribute(".message.assistant", "data-id") == kept[1]["id"]  # the page shows the kept one
     page.close()
 
 
@@ -254,7 +259,8 @@ def test_markdown_renders_and_model_html_never_runs(browser: Any, site: ServerPr
     hostile = ("Here:\n\n```python\nprint('hi')\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
                "<script>window.__pwned = 'script'</script>\n\n<img src=x onerror=\"window.__pwned = 'img'\">\n\n"
                "[click](javascript:window.__pwned='link') <a href=\"#\" onclick=\"window.__pwned='a'\">a</a>\n\n"
-               "<iframe srcdoc=\"<script>parent.__pwned='iframe'</script>\"></iframe>")
+               "<iframe srcdoc=\"<script>parent.__pwned='iframe'</script>\"></iframe>\n\n"
+               "<p id=\"input\">an answer that names itself like the page's own message box</p>")
     c = client.conversations.create(metadata={"title": "web-markdown"}, items=[
         {"type": "message", "role": "user", "content": "Show me."},
         {"type": "message", "role": "assistant", "content": hostile}])
@@ -271,6 +277,7 @@ def test_markdown_renders_and_model_html_never_runs(browser: Any, site: ServerPr
     assert page.tab.evaluate("window.__pwned") is None
     assert body.locator("script, iframe, [onerror], [onclick]").count() == 0
     assert page.tab.locator(ANSWER + " img").get_attribute("onerror") is None
+    assert page.tab.evaluate("() => document.getElementById('input').tagName") == "TEXTAREA"
     page.tab.click(ANSWER + " pre button.copy")
     page.close()
 
@@ -317,16 +324,23 @@ def test_errors_in_plain_words(browser: Any, keyed: ServerProcess) -> None:
     page.tab.wait_for_selector("#send:not([hidden])")
     assert page.tab.input_value("#input") == "Hi again"  # given back, to send again
     page.close()
-    # the connection drops mid-answer: said so, and the page is usable again
+    # the server dies mid-answer: said so, the message is given back, and the page stays usable
     page = Page(browser, keyed, viewport=NARROW, scheme="dark")
     page.tab.add_init_script(f"localStorage.setItem('llm-service.api-key', '{KEY}')")
-    page.tab.route("**/v1/responses", lambda route: route.abort("connectionreset"))
     page.open()
-    page.send("Hi", wait=False)
+    page.settings(max_tokens="1500", temperature="0.8")
+    page.send("Write a very long story about a dragon.", wait=False)
+    page.tab.wait_for_function(
+        "() => document.querySelector('.message.assistant.streaming .body')?.textContent.length > 20")
+    os.killpg(keyed.proc.pid, signal.SIGKILL)
     page.tab.wait_for_selector("#banner:not([hidden])")
-    assert page.tab.inner_text("#banner-text") == "The server cannot be reached."
-    page.tab.wait_for_selector("#send:not([hidden])")
+    assert page.tab.inner_text("#banner-text") == "The connection to the server dropped before the answer ended."
+    assert page.tab.input_value("#input") == "Write a very long story about a dragon."
     page.shot("error-narrow-dark")
+    sent = page.sent()
+    page.tab.press("#input", "Enter")
+    page.done(after=sent)
+    assert page.tab.inner_text("#banner-text") == "The server cannot be reached."
     page.close()
 
 

@@ -16,7 +16,8 @@ const state = {
   settings: { ...DEFAULTS },
   model: "",
   messages: [], // {id, role, text, status, stats?}
-  running: null, // the AbortController of the answer being generated
+  running: null, // the AbortController of the answer being generated (or of the edit before it)
+  view: 0, // which opening of a conversation is shown: an older one's late answers are dropped
   stats: new Map(), // item id -> this session's timings of that answer
 };
 
@@ -167,6 +168,7 @@ async function deleteConversation(c) {
 
 function newConversation() {
   stop();
+  state.view += 1;
   state.current = null;
   state.messages = [];
   state.settings = { ...DEFAULTS };
@@ -180,7 +182,9 @@ function newConversation() {
 
 async function openConversation(id) {
   stop();
+  const view = ++state.view;
   const c = await call("GET", `/v1/conversations/${id}`);
+  if (view !== state.view) return; // another was opened meanwhile
   state.current = c;
   state.settings = { ...DEFAULTS };
   for (const k of Object.keys(DEFAULTS)) if (c.metadata?.[k] !== undefined) state.settings[k] = c.metadata[k];
@@ -188,14 +192,18 @@ async function openConversation(id) {
   $("model").value = state.model;
   modelState();
   drawSettings();
-  await loadMessages();
+  await loadMessages(c);
   drawConversations();
   history.replaceState(null, "", `#${id}`);
   document.body.classList.remove("sidebar-open");
 }
 
-async function loadMessages() {
-  const items = await listAll(`/v1/conversations/${state.current.id}/items`, { order: "asc" });
+// Shows conversation `c`'s messages as the server has them (if it is still the one shown).
+async function loadMessages(c, stats = null) {
+  const items = await listAll(`/v1/conversations/${c.id}/items`, { order: "asc" });
+  if (state.current?.id !== c.id) return;
+  const last = items.findLast((i) => i.type === "message" && i.role === "assistant");
+  if (stats && last) state.stats.set(last.id, stats); // this session's timings of the answer just given
   state.messages = items
     .filter((i) => i.type === "message" && (i.role === "user" || i.role === "assistant"))
     .map((i) => ({
@@ -208,9 +216,9 @@ async function loadMessages() {
   drawMessages();
 }
 
+// The conversation's metadata with the page's settings (other clients' keys are kept).
 function metadata() {
-  const name = state.current?.metadata?.title;
-  return { ...(name ? { title: name } : {}), model: state.model, ...state.settings };
+  return { ...(state.current?.metadata || {}), model: state.model, ...state.settings };
 }
 
 async function saveSettings() {
@@ -308,9 +316,7 @@ function editMessage(el, index) {
   area.value = m.text;
   const save = action("Send", async () => {
     const text = area.value.trim();
-    if (!text) return;
-    await truncateFrom(index);
-    await send(text);
+    if (text) await send(text, index);
   });
   const cancel = action("Cancel", () => drawMessages());
   const foot = document.createElement("div");
@@ -328,25 +334,20 @@ function editMessage(el, index) {
   area.focus();
 }
 
-// Deletes the conversation's items from message `index` on (newest first), on the server too.
-async function truncateFrom(index) {
-  const gone = state.messages.slice(index);
-  if (state.current) {
-    const items = await listAll(`/v1/conversations/${state.current.id}/items`, { order: "asc" });
-    const first = items.findIndex((i) => i.id === gone[0]?.id);
-    for (const item of first < 0 ? [] : items.slice(first).reverse()) {
-      await call("DELETE", `/v1/conversations/${state.current.id}/items/${item.id}`);
-    }
+// Deletes conversation `c`'s items from message `index` on (newest first), on the server too.
+async function truncateFrom(c, index) {
+  const gone = state.messages[index];
+  const items = await listAll(`/v1/conversations/${c.id}/items`, { order: "asc" });
+  const first = items.findIndex((i) => i.id === gone?.id);
+  for (const item of first < 0 ? [] : items.slice(first).reverse()) {
+    await call("DELETE", `/v1/conversations/${c.id}/items/${item.id}`);
   }
   state.messages = state.messages.slice(0, index);
 }
 
 async function regenerate() {
   const index = state.messages.findLastIndex((m) => m.role === "user");
-  if (index < 0) return;
-  const text = state.messages[index].text;
-  await truncateFrom(index);
-  await send(text);
+  if (index >= 0) await send(state.messages[index].text, index);
 }
 
 // --------------------------------------------------------------------------- sending
@@ -363,7 +364,8 @@ function stop() {
 
 async function ensureConversation(text) {
   if (state.current) return state.current;
-  const name = text.replace(/\s+/g, " ").slice(0, 60);
+  // 60 characters (code points: a cut emoji would be invalid JSON)
+  const name = Array.from(text.replace(/\s+/g, " ")).slice(0, 60).join("");
   const c = await call("POST", "/v1/conversations", { metadata: { ...metadata(), title: name } });
   state.current = c;
   state.conversations.unshift(c);
@@ -372,7 +374,9 @@ async function ensureConversation(text) {
   return c;
 }
 
-async function send(text) {
+// Sends `text` as the next user message; `from`: first drop the conversation's messages from that
+// index on (an edit, a regenerate). One at a time: the page is busy from the first step.
+async function send(text, from = null) {
   if (state.running || !text) return;
   if (!state.model) {
     notice("No chat model is served.");
@@ -385,16 +389,14 @@ async function send(text) {
   busy(true);
   const user = { role: "user", text };
   const answer = { role: "assistant", text: "", status: "in_progress" };
-  state.messages.push(user, answer);
-  drawMessages();
   const box = $("messages");
-  const answerEl = box.lastElementChild;
-  const answerBody = answerEl.querySelector(".body");
-  answerEl.classList.add("streaming");
   const began = performance.now();
   let first = null;
   let pending = false;
-  let c = null;
+  let c = state.current;
+  let responseId = null;
+  let failure = null;
+  let answerBody = null;
   const draw = () => {
     pending = false;
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
@@ -402,6 +404,12 @@ async function send(text) {
     if (atBottom) box.scrollTop = box.scrollHeight;
   };
   try {
+    if (from !== null && c) await truncateFrom(c, from);
+    state.messages.push(user, answer);
+    drawMessages();
+    const answerEl = box.lastElementChild;
+    answerBody = answerEl.querySelector(".body");
+    answerEl.classList.add("streaming");
     c = await ensureConversation(text);
     const s = state.settings;
     const body = {
@@ -416,6 +424,7 @@ async function send(text) {
     const last = await stream(
       body,
       (event) => {
+        if (event.type === "response.created") responseId = event.response.id;
         if (event.type === "response.output_text.delta") {
           if (first === null) first = performance.now();
           answer.text += event.delta;
@@ -442,18 +451,23 @@ async function send(text) {
     }
   } catch (e) {
     if (e.name === "AbortError") {
-      // stopped: the server ended the generation when the stream closed; what was said is kept
-      if (c && answer.text) await keepStopped(c, text, answer.text).catch(fail);
+      // stopped: the server ends the generation when the stream closes; what was said is kept
+      if (!c || !(await keepStopped(c, responseId, text, answer.text).catch(fail))) giveBack(text);
     } else {
+      failure = e;
       state.messages = state.messages.filter((m) => m !== answer && m !== user);
-      if (!$("input").value) $("input").value = text; // given back, to send again
+      giveBack(text);
       fail(e);
     }
   } finally {
     state.running = null;
     busy(false);
-    if (c) {
-      await reload(answer.stats);
+    // the server's view of the conversation (its items' ids), unless it cannot be reached
+    if (c && !failure?.dropped) {
+      await loadMessages(c, answer.stats).catch((e) => {
+        fail(e);
+        drawMessages();
+      });
     } else {
       drawMessages();
     }
@@ -462,29 +476,30 @@ async function send(text) {
   }
 }
 
-// The user's message and the answer so far, kept in the conversation when an answer is stopped
-// (the server keeps only answers that ended).
-async function keepStopped(c, text, partial) {
+// The message that could not be sent goes back into the box, to send again.
+function giveBack(text) {
+  if (!$("input").value) $("input").value = text;
+}
+
+// After a stop: the server keeps only answers that ended, so the user's message and the answer so
+// far are added to the conversation, unless the answer ended anyway (the server kept it) or
+// nothing was said. Says whether the message is in the conversation.
+async function keepStopped(c, responseId, text, partial) {
+  let status = "cancelled";
+  for (let tries = 0; responseId && tries < 20; tries++) {
+    status = (await call("GET", `/v1/responses/${responseId}`)).status;
+    if (status !== "queued" && status !== "in_progress") break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  if (status === "completed" || status === "incomplete") return true;
+  if (!partial) return false;
   await call("POST", `/v1/conversations/${c.id}/items`, {
     items: [
       { type: "message", role: "user", content: text },
       { type: "message", role: "assistant", content: partial, status: "incomplete" },
     ],
   });
-}
-
-// Reads the conversation back from the server (its items' ids are the server's), keeping this
-// session's timings for the answer just given.
-async function reload(stats) {
-  try {
-    const items = await listAll(`/v1/conversations/${state.current.id}/items`, { order: "asc" });
-    const last = items.findLast((i) => i.type === "message" && i.role === "assistant");
-    if (stats && last) state.stats.set(last.id, stats);
-    await loadMessages();
-  } catch (e) {
-    fail(e);
-    drawMessages();
-  }
+  return true;
 }
 
 // --------------------------------------------------------------------------- wiring

@@ -18,7 +18,13 @@ const FORBID_TAGS = ["style", "form", "input", "button", "textarea", "select", "
 
 export function renderMarkdown(element, text) {
   const html = marked.parse(text);
-  element.innerHTML = DOMPurify.sanitize(html, { USE_PROFILES: { html: true }, FORBID_TAGS, FORBID_ATTR: ["style"] });
+  // SANITIZE_NAMED_PROPS: an answer's id="input" must not take the page's own elements' ids
+  element.innerHTML = DOMPurify.sanitize(html, {
+    USE_PROFILES: { html: true },
+    FORBID_TAGS,
+    FORBID_ATTR: ["style"],
+    SANITIZE_NAMED_PROPS: true,
+  });
   for (const code of element.querySelectorAll("pre > code")) {
     const language = [...code.classList].find((c) => c.startsWith("language-"))?.slice(9);
     if (language && hljs.getLanguage(language)) {
