@@ -163,8 +163,7 @@ async def stop_background(state: ServerState) -> None:
         live.obj["error"] = {"code": "server_error", "message": "The server shut down before this background "
                              "response finished; create it again."}
         try:
-            assert state.stored is not None
-            await asyncio.to_thread(state.stored.put_response, live.record())
+            await asyncio.to_thread(live.put(state.stored))  # after its task's own last write
         except Exception as e:
             log.error("background response %s: its failure could not be stored (%s)", live.id, type(e).__name__)
 

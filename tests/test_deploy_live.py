@@ -74,6 +74,11 @@ def test_nginx_accepts_the_config_as_shipped(gateway: str) -> None:
     # /metrics is not exposed through the gateway; unknown paths answer in OpenAI's shape
     r = httpx.get(f"{gateway}/metrics")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    # the chat page comes through too, with its script
+    page = httpx.get(f"{gateway}/", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "content-security-policy" in page.headers
+    assert httpx.get(f"{gateway}/chat/assets/app.js").status_code == 200
+    assert httpx.get(f"{gateway}/").json()["name"] == "llm-service"
 
 
 def test_stream_through_nginx_arrives_chunk_by_chunk(gateway: str) -> None:
