@@ -13,6 +13,7 @@ its input and output items when it completes (`api/responses.py`). Ownership is 
 
 from __future__ import annotations
 
+import json
 from datetime import timezone
 from typing import Any, Literal
 
@@ -66,7 +67,11 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> Response:
 @router.post(ROUTE, response_model=None)
 async def create(request: Request) -> Response:
     body = await pipeline.parse(request, CreateConversation)
-    key = access(request).key
+    record = access(request)
+    record.safety_identifier = body.safety_identifier
+    if body.metadata:
+        record.metadata = json.dumps(body.metadata, ensure_ascii=False)
+    key = record.key
     conversation = Conversation(id=new_id("conv"), owner=key.name if key is not None else None, created=utcnow(),
                                 metadata=body.metadata or {})
     items = [item.item() for item in body.items or []]

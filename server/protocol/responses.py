@@ -437,6 +437,7 @@ class CreateConversation(_Items):
 
     items: Annotated[InputItems, Field(max_length=MAX_CONVERSATION_ADD)] | None = None
     metadata: dict[str, str] | None = None
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # a hint: kept in the request log
 
     @model_validator(mode="after")
     def _check(self) -> CreateConversation:
