@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -104,6 +105,9 @@ class Terminal:
         self.master, slave = pty.openpty()
 
         def make_controlling() -> None:
+            # a person's terminal delivers Ctrl-C even where pytest runs with SIGINT ignored (a
+            # background job of a shell script)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
