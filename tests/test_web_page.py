@@ -148,6 +148,8 @@ def test_served_to_browsers_with_a_strict_policy(site: ServerProcess) -> None:
 
 def test_chat_streams_and_is_kept_on_the_server(browser: Any, site: ServerProcess) -> None:
     page = Page(browser, site).open()
+    # the chat models only: the shared server's embedding model cannot chat
+    assert page.tab.locator("#model option").all_inner_texts() == [MODEL]
     page.settings(max_tokens="48", temperature="0")
     # the answer's length, sampled as it streams in
     page.tab.evaluate("""() => { window.__lengths = []; new MutationObserver(() => {

@@ -55,7 +55,7 @@ function keyButton() {
 
 async function loadModels() {
   const list = await call("GET", "/v1/models");
-  state.models = list.data.filter((m) => m.kind !== "embedding");
+  state.models = list.data.filter((m) => m.kind !== "embed"); // embedding models cannot chat
   const select = $("model");
   select.replaceChildren();
   for (const m of state.models) {
