@@ -7,7 +7,8 @@ import { renderMarkdown } from "./render.js";
 const $ = (id) => document.getElementById(id);
 
 // settings kept per conversation, in its metadata (OpenAI's: up to 16 strings of 512 characters)
-const DEFAULTS = { system: "", temperature: "0.7", top_p: "1", max_tokens: "1024" };
+// (empty: the server's default, which is the model's own where it has one)
+const DEFAULTS = { system: "", temperature: "", top_p: "", max_tokens: "1024" };
 
 const state = {
   models: [],
