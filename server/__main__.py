@@ -113,6 +113,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     o.add_argument("--database-url", default=None,
                    help="request log database, a SQLAlchemy URL (default: SQLite file in the cache folder; "
                         "PostgreSQL: postgresql+psycopg://user:password@host/db)")
+    o.add_argument("--redis-url", default=None,
+                   help="count per-key limits in Redis, shared by every replica that points at it "
+                        "(redis://host:6379/0; default: each replica counts its own)")
+    o.add_argument("--limits-on-redis-failure", choices=("open", "closed"), default="open",
+                   help="when Redis fails or is slower than --redis-timeout: open (default) serves limited keys' "
+                        "requests without counting them; closed refuses them with 503")
+    o.add_argument("--limits-lease", type=float, default=30.0, metavar="SECONDS",
+                   help="with --redis-url: a running request's concurrency slot is renewed while it runs and "
+                        "freed this long after its replica dies (default 30)")
+    o.add_argument("--redis-timeout", type=float, default=0.05, metavar="SECONDS",
+                   help="the most a request waits on Redis before --limits-on-redis-failure decides (default 0.05)")
     o.add_argument("--log-content", action="store_true", default=None,
                    help="keep prompt and answer text in the request log (off: counts and timings only)")
     o.add_argument("--request-log-buffer", type=int, default=10000,

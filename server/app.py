@@ -41,8 +41,9 @@ from server.config import Settings
 from server.errors import APIError, install_handlers
 from server.files import Files
 from server.gate import Gate
-from server.limits import KeyLimits
+from server.limits import KeyLimits, Limits
 from server.metrics import Metrics
+from server.redis_limits import RedisKeyLimits
 from server.registry import Estimator, Loader, Registry, Served, estimate
 from server.store import RequestLog, Stored, utcnow
 from server.web import page as web
@@ -67,7 +68,7 @@ class ServerState:
     detail: str = ""
     started: int = field(default_factory=lambda: int(time.time()))
     keys: Keys = field(default_factory=lambda: Keys([]))
-    key_limits: KeyLimits = field(default_factory=KeyLimits)
+    key_limits: Limits = field(default_factory=KeyLimits)  # RedisKeyLimits with --redis-url
     request_log: RequestLog | None = None
     stored: Stored | None = None  # stored responses and conversations (the request log's database)
     background: dict[str, Live] = field(default_factory=dict)  # background responses running here
@@ -209,6 +210,11 @@ def create_app(
         registry.declare(spec)
     state = ServerState(settings, registry, metrics,
                         keys=keys or Keys.from_settings(settings.api_key, settings.api_keys_file))
+    shared_limits: RedisKeyLimits | None = None
+    if settings.redis_url is not None:
+        shared_limits = RedisKeyLimits(settings.redis_url, metrics, policy="closed" if settings.limits_on_redis_failure == "closed" else "open",
+                                       lease=settings.limits_lease, timeout=settings.redis_timeout)
+        state.key_limits = shared_limits
 
     async def preload() -> None:
         """Load every model declared with preload; the server is ready when all are. One that
@@ -245,6 +251,10 @@ def create_app(
         state.request_log = RequestLog(settings.request_log_url, settings.request_log_buffer,
                                        on_dropped=metrics.log_dropped.inc, on_error=metrics.log_errors.inc)
         state.request_log.start()
+        if shared_limits is not None:
+            shared_limits.start()
+            log.info("per-key limits: in Redis at %s, shared by every replica (on failure: %s)",
+                     shared_limits.where, settings.limits_on_redis_failure)
         log.info("request log: %s", state.request_log.db.url.render_as_string(hide_password=True))
         state.stored = Stored(state.request_log.db)
         state.runner = f"{socket.gethostname()}:{settings.port}"
@@ -276,6 +286,7 @@ def create_app(
             await state.batch_runner.pause()
             await batch_client.aclose()
             await stop_background(state)
+            await state.key_limits.close()
             await registry.close()
             state.render_pool.shutdown(wait=False, cancel_futures=True)
             # last: the rows of requests the shutdown ended are in the buffer by now

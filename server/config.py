@@ -232,6 +232,13 @@ class Settings:
     max_tokens_limit: int | None = None  # None: the context length
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
     database_url: str | None = None  # None: SQLite in the cache folder
+    # per-key limits shared by every replica: counted in Redis (None: in this process), what a
+    # request of a limited key meets when Redis fails, how long a dead replica's slots stay taken,
+    # and the most a request waits on Redis
+    redis_url: str | None = None
+    limits_on_redis_failure: str = "open"
+    limits_lease: float = 30.0  # seconds
+    redis_timeout: float = 0.05  # seconds
     log_content: bool = False  # prompt and answer text in the request log
     request_log_buffer: int = 10000  # rows waiting for the database before they are dropped (counted)
     # the Responses API: responses with `store` (OpenAI's default) and conversations are kept in the
@@ -289,6 +296,15 @@ class Settings:
         if self.database_url is not None and "://" not in self.database_url:
             raise SettingsError("database_url", "must be a SQLAlchemy URL such as sqlite:///requests.db "
                                 "or postgresql+psycopg://user:password@host/dbname")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("redis_url", f"must be a Redis URL (redis://host:6379/0, rediss://… or unix://…), "
+                                f"not {self.redis_url!r}")
+        if self.limits_on_redis_failure not in ("open", "closed"):
+            raise SettingsError("limits_on_redis_failure", f"must be open or closed, not {self.limits_on_redis_failure!r}")
+        if not self.limits_lease > 0:
+            raise SettingsError("limits_lease", f"must be a positive number of seconds, not {self.limits_lease}")
+        if not 0 < self.redis_timeout <= 10:
+            raise SettingsError("redis_timeout", f"must be a number of seconds in (0, 10], not {self.redis_timeout}")
         self._check_positive("max_file_bytes", self.max_file_bytes)
         self._check_positive("batch_concurrency", self.batch_concurrency)
         if not self.batch_window > 0:

@@ -146,7 +146,7 @@ class Gate:
                     # which model served it: an alias's chosen variant, for A/B comparisons
                     if record.model:
                         out["x-llm-model"] = record.model
-                    for name, value in state.key_limits.headers(record.key).items():
+                    for name, value in (await state.key_limits.headers(record.key)).items():
                         if name not in out:
                             out[name] = value
                 await send(message)

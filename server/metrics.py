@@ -47,6 +47,12 @@ class Metrics:
                                   "estimate and what its load measured)", ["model"], registry=r)
         self.log_dropped = Counter("llm_request_log_dropped", "Request log rows dropped because the "
                                    "buffer was full (database slow or down)", registry=r)
+        self.limits_store_failures = Counter(
+            "llm_limits_store_failures", "Per-key limit operations that could not use Redis (--redis-url): "
+            "an error, a timeout past --redis-timeout, or Redis known to be down that second; by operation "
+            "(admit, charge, peek, release, renew)", ["op"], registry=r)
+        self.limits_store_up = Gauge("llm_limits_store_up", "1 while Redis (--redis-url) answers, 0 after a "
+                                     "failure until it answers again", registry=r)
         self.log_errors = Counter("llm_request_log_write_errors", "Failed request log writes (retried)",
                                   registry=r)
         self.batch_lines = Counter("llm_batch_lines", "Batch lines run to a result, by endpoint and outcome "

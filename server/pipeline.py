@@ -132,7 +132,7 @@ class Target:
         tokenized, from its length alone, and its refusal counts against the key's limits."""
         at_least = self.tokenizer.min_tokens(text)
         if at_least >= self.max_model_len:
-            _charge(self.request, at_least)
+            await _charge(self.request, at_least)
             what = "messages" if param == "messages" else "prompt"
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your {what} "
@@ -154,10 +154,10 @@ class Target:
         return await asyncio.get_running_loop().run_in_executor(pool, work)
 
 
-def _charge(request: Request, tokens: int) -> None:
+async def _charge(request: Request, tokens: int) -> None:
     """A request refused for its size still costs its key: a request, and its tokens."""
     state = request.app.state.server
-    state.key_limits.charge(access(request).key, tokens)
+    await state.key_limits.charge(access(request).key, tokens)
 
 
 async def resolve(request: Request, model: str, user: str | None, kind: Kind | None = "generate") -> Target:
@@ -341,7 +341,7 @@ async def start(request: Request, target: Target, gen: Generation, request_id: s
     prompts = [_truncate(p, gen, limit, target.tokenizer) for p in gen.prompts]
     too_long = [len(p.ids) for p in prompts if len(p.ids) >= limit]
     if too_long:
-        _charge(request, sum(too_long))
+        await _charge(request, sum(too_long))
     requested = gen.max_tokens
     cap = settings.max_tokens_limit
     if requested is not None and cap is not None and requested > cap:
@@ -442,7 +442,7 @@ async def hold(request: Request, target: Target, tokens: int, slots: int, priori
     entry = target.entry
     record = access(request)
     try:
-        ticket = state.key_limits.admit(record.key, tokens)
+        ticket = await state.key_limits.admit(record.key, tokens)
     except RateLimited as e:
         state.metrics.rejections.labels(e.reason).inc()
         raise

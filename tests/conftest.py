@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,3 +93,50 @@ def embedding_server(server: ServerProcess) -> ServerProcess:
     if server.name != f"conformance-{ENGINES[0]}":
         pytest.skip("engine-independent: runs against the first engine's server only")
     return server
+
+
+class RedisProcess:
+    """Debian's redis-server on a free loopback port, in memory only; `stop` and `start` again on
+    the same port (a Redis outage mid-test)."""
+
+    def __init__(self, name: str = "redis") -> None:
+        from tests.server_process import LOG_DIR, free_port
+        from tests.test_deploy import tool
+
+        self.binary = tool("redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log = LOG_DIR / f"{name}-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--enable-debug-command", "local"], stdout=out, stderr=out)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """A Redis for tests that only read and write it (tests that stop it start their own)."""
+    redis = RedisProcess().start()
+    try:
+        yield redis
+    finally:
+        redis.stop()

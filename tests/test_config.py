@@ -27,6 +27,10 @@ from tests.server_process import ROOT
         ({"distributed_executor_backend": "slurm"}, "--distributed-executor-backend"),
         ({"dtype": "int3"}, "--dtype"),
         ({"served_model_name": " "}, "--served-model-name"),
+        ({"redis_url": "localhost:6379"}, "--redis-url"),
+        ({"limits_on_redis_failure": "maybe"}, "--limits-on-redis-failure"),
+        ({"limits_lease": 0}, "--limits-lease"),
+        ({"redis_timeout": 0}, "--redis-timeout"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs: dict, flag: str) -> None:

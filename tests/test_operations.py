@@ -16,7 +16,7 @@ import yaml
 
 from server.auth import Key, Keys, KeysFileError, digest, load_keys_file
 from server.errors import Overloaded, RateLimited
-from server.limits import Admission, KeyLimits
+from server.limits import Admission
 from tests.conftest import MODEL
 from tests.server_process import ROOT, ServerProcess
 
@@ -225,26 +225,6 @@ def test_metrics_move_after_requests(ops: ServerProcess) -> None:
 # --------------------------------------------------------------------------- units
 
 
-def test_key_limits_recover_after_the_window() -> None:
-    now = [1000.0]
-    limits = KeyLimits(clock=lambda: now[0])
-    key = Key(name="k", digest=digest("sk-12345678"), requests_per_minute=2, tokens_per_minute=100)
-    limits.admit(key, 10).close(5)
-    now[0] += 30
-    limits.admit(key, 10).close(10)
-    with pytest.raises(RateLimited) as e:
-        limits.admit(key, 10)
-    assert e.value.reason == "requests" and e.value.headers["retry-after"] == "30"
-    now[0] += 30.5  # the first request left the window
-    assert limits.headers(key)["x-ratelimit-remaining-requests"] == "1"
-    assert limits.headers(key)["x-ratelimit-remaining-tokens"] == "90"
-    limits.admit(key, 80)
-    with pytest.raises(RateLimited) as e:
-        limits.admit(key, 1)  # 10 + 80 + 1 > 100 ... and the request limit is reached too
-    now[0] += 60
-    assert limits.headers(key)["x-ratelimit-remaining-tokens"] == "100"
-
-
 async def test_admission_is_fifo_and_bounded() -> None:
     adm = Admission(running=2, max_queued=2)
     await adm.acquire(2)
@@ -304,17 +284,6 @@ async def test_admission_puts_every_interactive_request_before_waiting_batch_lin
     adm.release(1)
     await asyncio.gather(*tasks)
     assert order == ["a", "late-low", "line-1", "line-2"]  # a batch line's own priority orders only the lines
-
-
-def test_a_refused_oversized_request_still_costs_its_key() -> None:
-    now = [1000.0]
-    limits = KeyLimits(clock=lambda: now[0])
-    key = Key(name="k", digest=digest("sk-12345678"), requests_per_minute=2, tokens_per_minute=10_000)
-    limits.charge(key, 9_000)
-    assert limits.headers(key)["x-ratelimit-remaining-requests"] == "1"
-    assert limits.headers(key)["x-ratelimit-remaining-tokens"] == "1000"
-    with pytest.raises(RateLimited):
-        limits.admit(key, 2_000)
 
 
 def test_keys_file_formats_and_errors(tmp_path: Path) -> None:
