@@ -3,7 +3,9 @@ stopped with its whole process group. compare.py runs peers with it; the tests r
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,4 +70,51 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._log.close()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+class Gateway:
+    """nginx (Debian's) running deploy/nginx.conf as shipped, but for the replicas' addresses and
+    its own port, with its prefix and JSON access log in `folder`."""
+
+    def __init__(self, nginx: str, replicas: list[int], folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = (DEPLOY / "nginx.conf").read_text()
+        servers = "\n        ".join(f"server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" for p in replicas)
+        conf, pools = re.subn(r"server llm:8000 max_fails=3 fail_timeout=10s;", servers, conf)
+        conf, listens = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", conf)
+        if pools != 2 or listens != 1:
+            raise RuntimeError("deploy/nginx.conf no longer has the two `llm` upstreams and one listen this expects")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "nginx.conf").write_text(conf)
+        self.log_path = folder / "nginx.log"
+        self._log = open(self.log_path, "ab")  # append: nginx reopens /dev/stdout for its access log
+        self.proc = subprocess.Popen([nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"),
+                                      "-g", f"daemon off; pid {folder}/nginx.pid;"], stdout=self._log, stderr=self._log)
+        for _ in range(100):
+            try:
+                if httpx.get(f"{self.url}/nginx-health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"nginx did not start: {self.log_path.read_text()[-3000:]}")
+
+    def upstreams(self, request_ids: list[str]) -> list[str]:
+        """The replica (address) nginx sent each request to, from its access log."""
+        seen: dict[str, str] = {}
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                seen[entry["request_id"]] = entry["upstream"]
+        return [seen[r] for r in request_ids]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
         self._log.close()

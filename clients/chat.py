@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,10 @@ def _first_model(client: openai.OpenAI, retrying: Retrying) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600)
+    # one session id per chat: behind several replicas, nginx keeps its turns on the replica that
+    # holds the history in its prefix cache (deploy/nginx.conf routes on X-Session-Id)
+    client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600,
+                           default_headers={"X-Session-Id": f"chat-{uuid.uuid4().hex}"})
     err = Console(stderr=True)
     try:
         chat = Chat(client, args.model or "", args)

@@ -113,7 +113,7 @@ def _interpolated(value: str) -> set[str]:
 
 def test_compose_services_and_profiles(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"llm", "llm-cpu", "gateway", "prometheus", "grafana", "db"}
+    assert set(services) == {"llm", "llm-cpu", "gateway", "prometheus", "grafana", "db", "redis"}
     assert services["llm"]["profiles"] == ["gpu"] and services["llm-cpu"]["profiles"] == ["cpu"]
     assert services["llm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     for name in ("llm", "llm-cpu"):
@@ -122,6 +122,9 @@ def test_compose_services_and_profiles(compose: dict[str, Any]) -> None:
         # both answer to `llm`: nginx's upstream and Prometheus' discovery use that name
         assert s["networks"]["default"]["aliases"] == ["llm"]
         assert "ports" not in s, "replicas are reached through the gateway, so they can be scaled"
+        # per-key limits hold across replicas: counted in the stack's Redis, which starts first
+        assert s["environment"]["LLM_SERVICE_REDIS_URL"] == "redis://redis:6379/0"
+        assert s["depends_on"]["redis"] == {"condition": "service_healthy"}
         mounts = {v["target"]: v for v in s["volumes"]}
         assert mounts["/models"]["read_only"] is True
         assert mounts["/cache"]["type"] == "volume"

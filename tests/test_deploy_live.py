@@ -41,7 +41,7 @@ def gateway(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> 
     conf = (DEPLOY / "nginx.conf").read_text()
     conf, n_upstream = re.subn(r"server llm:8000 ", f"server 127.0.0.1:{server.port} ", conf)
     conf, n_listen = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", conf)
-    assert n_upstream == n_listen == 1
+    assert n_upstream == 2 and n_listen == 1  # the least-connections pool and the sessions pool
     (prefix / "nginx.conf").write_text(conf)
     args = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", f"pid {prefix}/nginx.pid;"]
     check = subprocess.run([*args[:5], "-t", "-g", f"pid {prefix}/nginx.pid;"], capture_output=True, text=True)

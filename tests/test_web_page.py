@@ -156,7 +156,8 @@ def test_chat_streams_and_is_kept_on_the_server(browser: Any, site: ServerProces
         const a = document.querySelector('.message.assistant.streaming .body');
         if (a) window.__lengths.push(a.textContent.length); })
         .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
-    page.send("What is the capital of France?")
+    with page.tab.expect_request("**/v1/responses") as sent:
+        page.send("What is the capital of France?")
     lengths = page.tab.evaluate("window.__lengths")
     assert len({n for n in lengths if n > 0}) >= 3, lengths  # token by token, not one block
     answer = page.tab.inner_text(ANSWER)
@@ -164,6 +165,8 @@ def test_chat_streams_and_is_kept_on_the_server(browser: Any, site: ServerProces
     stats = page.tab.inner_text(".message.assistant .stats")
     assert re.search(r"TTFT \d+ ms · [\d.]+ tok/s · \d+ in( \(\d+ cached\))? · \d+ out", stats), stats
     conversation = page.conversation_id()
+    # behind several replicas nginx keeps the conversation on one (deploy/nginx.conf routes on it)
+    assert sent.value.headers["x-session-id"] == conversation
     kept = items(site, conversation)
     assert [(i["role"], i["content"][0]["text"]) for i in kept] == [
         ("user", "What is the capital of France?"), ("assistant", kept[1]["content"][0]["text"])]

@@ -83,7 +83,9 @@ export async function stream(body, onEvent, signal) {
   try {
     response = await fetch("/v1/responses", {
       method: "POST",
-      headers: headers(true),
+      // behind several replicas, nginx sends a conversation's turns to the one that holds its
+      // history in cache (deploy/nginx.conf routes on this header)
+      headers: body.conversation ? { ...headers(true), "X-Session-Id": body.conversation } : headers(true),
       body: JSON.stringify({ ...body, stream: true }),
       signal,
     });
