@@ -14,8 +14,8 @@ import openai
 import pytest
 import yaml
 
-from server.auth import Key, Keys, KeysFileError, digest, load_keys_file
-from server.errors import Overloaded, RateLimited
+from server.auth import Keys, KeysFileError, digest, load_keys_file
+from server.errors import Overloaded
 from server.limits import Admission
 from tests.conftest import MODEL
 from tests.server_process import ROOT, ServerProcess
