@@ -72,6 +72,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="vLLM: run without torch.compile / CUDA graphs: starts ~4x faster on CPU, decodes 7-16%% slower "
                         "(the transformers engine always runs eagerly)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes that earlier requests computed (vLLM's flag; "
+                        "the transformers engine has a prefix cache of its own)")
     e.add_argument("--seed", type=int, default=0, help="engine seed for requests that give none")
     e.add_argument("--max-logprobs", type=int, default=20, help="most top_logprobs a request may ask for")
     e.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
@@ -177,7 +180,7 @@ def env_settings(parser: argparse.ArgumentParser, environ: Mapping[str, str]) ->
         value = raw.strip()
         if not value:
             continue  # set but empty: as if unset (an env file's `VAR=` line)
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
             if value.lower() not in _TRUE | _FALSE:
                 raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
             values[action.dest] = value.lower() in _TRUE

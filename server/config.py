@@ -33,6 +33,7 @@ MODEL_SETTINGS: tuple[str, ...] = (
     "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space", "tensor_parallel_size",
     "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs", "max_num_batched_tokens",
     "enforce_eager", "seed", "max_logprobs", "trust_remote_code", "scheduling_policy", "tool_call_format",
+    "enable_prefix_caching", "speculative", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
 )
 # the server's flags an embedding model does not inherit (it sets them in its own `settings`)
 EMBED_OWN_SETTINGS: tuple[str, ...] = ("max_model_len", "gpu_memory_utilization", "kv_cache_space", "max_num_seqs",
@@ -217,6 +218,7 @@ class Settings:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
+    enable_prefix_caching: bool = True  # reuse the KV of cached prompt prefixes (both engines)
     seed: int = 0
     max_logprobs: int = 20
     scheduling_policy: SchedulingPolicy = "fcfs"  # vLLM's; "priority" honours requests' `priority`
@@ -290,6 +292,8 @@ class Settings:
             )
         if self.kv_cache_space is not None and self.kv_cache_space <= 0:
             raise SettingsError("kv_cache_space", f"must be a positive number of GiB, not {self.kv_cache_space}")
+        if not isinstance(self.enable_prefix_caching, bool):  # a models file's `settings:` may say anything
+            raise SettingsError("enable_prefix_caching", f"must be true or false, not {self.enable_prefix_caching!r}")
         self._check_positive("request_log_buffer", self.request_log_buffer)
         if not self.response_retention > 0:
             raise SettingsError("response_retention", f"must be a positive number of days, not {self.response_retention}")

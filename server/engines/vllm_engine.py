@@ -66,6 +66,7 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.seed,
         max_logprobs=settings.max_logprobs,
         scheduling_policy=settings.scheduling_policy,

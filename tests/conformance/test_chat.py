@@ -6,7 +6,6 @@ import asyncio
 
 import httpx
 import openai
-import pytest
 from openai.types.chat import ChatCompletion
 
 from tests.conftest import MODEL
@@ -55,8 +54,6 @@ def test_usage_arithmetic(client: openai.OpenAI) -> None:
 
 
 def test_repeated_prompt_reports_cached_tokens(client: openai.OpenAI) -> None:
-    if client.models.retrieve(MODEL).model_extra["engine"] != "vllm":
-        pytest.skip("prefix caching is a vLLM engine feature")
     long = [{"role": "user", "content": "Remember this list: " + ", ".join(f"item {i}" for i in range(150))}]
     first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, seed=0)
     again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, seed=0)

@@ -203,8 +203,6 @@ def test_continuous_usage_stats_put_usage_on_every_chunk(client: openai.OpenAI) 
 
 
 def test_cache_salt_keeps_prefix_cache_hits_apart(client: openai.OpenAI) -> None:
-    if _engine(client) != "vllm":
-        pytest.skip("the Transformers engine has no prefix cache yet: cache_salt is accepted and changes nothing")
     long = [{"role": "user", "content": "Salted list: " + ", ".join(f"entry {i}" for i in range(120))}]
     first = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, extra_body={"cache_salt": "a"})
     again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=1, extra_body={"cache_salt": "a"})

@@ -16,6 +16,7 @@ The modules, in the order a request meets them:
 - scheduler.py  the model thread (`Core`): admit, prefill, decode, post, retire
 - attention.py  the attention function transformers' modules call, over our cache
 - cache.py      the KV cache: a tensor per layer, rows x heads x positions x head_dim
+- prefix.py     the prefix cache: blocks of KV keyed by a hash chain (and cache_salt), LRU eviction
 - sampler.py    grammar masks, vLLM's per-request rules, penalties, filters, seeded sampling
 - text.py       token ids -> whole characters, stop strings held back until they cannot match
 """

@@ -26,11 +26,23 @@ def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, s
     rows, heads, q_len, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
     lo, hi = step.row0, step.row0 + rows
-    if step.prefill:  # prompts start at position 0: causal attention over the new keys only
+    if step.prefill and step.valid is None:  # prompts start at position 0: causal over the new keys only
         K[lo:hi, :, :q_len] = key
         V[lo:hi, :, :q_len] = value
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scale, enable_gqa=heads != key.shape[1])
+        return out.transpose(1, 2), None
+    if step.prefill:
+        # prefill after prefix-cache hits: row i's prompt starts at its own offset, its positions
+        # before it already hold the cached prefix's keys. The new keys go in after them (padding
+        # slots are not written), and each query attends to the cached keys and to the new keys
+        # up to its own, through an explicit mask
+        fresh = step.fresh
+        K[step.rows, :, step.positions] = key.transpose(1, 2)[fresh]
+        V[step.rows, :, step.positions] = value.transpose(1, 2)[fresh]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, K[lo:hi, :, : step.span], V[lo:hi, :, : step.span], attn_mask=step.valid, scale=scale,
+            enable_gqa=heads != key.shape[1])
         return out.transpose(1, 2), None
     # decode: one query per row; each row attends to its own positions [0, length]. Plain
     # matmuls: on CPU they beat SDPA's kernel for one query per row (161 vs 145 tok/s, 16 rows).

@@ -1,8 +1,11 @@
 """`HFEngine`: the Transformers engine behind the `Engine` protocol. `start` loads the model with
 our attention and starts the model thread (`scheduler.Core`); `generate` checks a request,
 compiles its grammar, submits its sequence and turns the tokens the thread posts into
-`TokenEvent`s (`text.Text` makes the text, on the event loop). `cache_salt` is accepted and has
-no effect: this engine has no prefix cache to partition.
+`TokenEvent`s (`text.Text` makes the text, on the event loop). With `--enable-prefix-caching`
+(the default) prompts reuse the KV of cached prefixes (`prefix.PrefixCache`), partitioned by
+`cache_salt`; the first event says how many prompt tokens came from it (`cached_tokens`).
+Requests that ask for `prompt_logprobs` skip the lookup, as in vLLM: they need every prompt
+position computed.
 """
 
 from __future__ import annotations
@@ -166,11 +169,13 @@ class HFEngine:
             vocab=min(len(tokenizer.hf), logits_vocab),
             seed=settings.seed,
             grammar_vocab=logits_vocab,
+            prefix_caching=settings.enable_prefix_caching,
         )
         log.info(
             "transformers engine: %s %s on %s, KV budget %.2f GiB (%d tokens, %d bytes each), "
-            "up to %d sequences", type(model).__name__, str(dtype).removeprefix("torch."), device,
-            budget / GiB, budget_tokens, cache.bytes_per_token, core.max_seqs,
+            "up to %d sequences, prefix caching %s", type(model).__name__, str(dtype).removeprefix("torch."),
+            device, budget / GiB, budget_tokens, cache.bytes_per_token, core.max_seqs,
+            "on" if core.prefix is not None else "off",
         )
         core.thread.start()
         return cls(core, tokenizer, EngineInfo(name="transformers", max_model_len=max_model_len,
@@ -219,6 +224,7 @@ class HFEngine:
                 ids: list[int] = []
                 lps: list[TokenLogprobs] = []
                 prompt_lps = None
+                cached = None
                 reason: FinishReason | None = None
                 for item in items:
                     if isinstance(item, BaseException):
@@ -229,6 +235,8 @@ class HFEngine:
                         lps.append(item.logprobs)
                     if item.prompt_logprobs is not None:
                         prompt_lps = item.prompt_logprobs
+                    if item.cached_tokens is not None:
+                        cached = item.cached_tokens
                     # stop strings count from the token after min_tokens on, as in vLLM
                     piece, stopped = text.feed(item.token_id, check_stop=count > spec.min_tokens,
                                                ends=item.finish_reason == "stop")
@@ -247,6 +255,7 @@ class HFEngine:
                     logprobs=tuple(lps) if spec.logprobs is not None else None,
                     finish_reason=reason,
                     prompt_logprobs=prompt_lps,
+                    cached_tokens=cached,
                 )
         finally:
             if not seq.done:
@@ -285,7 +294,8 @@ class HFEngine:
         return self.core.active
 
     def kv_cache_usage(self) -> float:
-        """Fraction of the KV budget allocated right now."""
+        """Fraction of the KV budget allocated right now to running sequences (cached prefix blocks
+        are not counted: they are given back on demand, and vLLM counts them as free too)."""
         cache = self.core.cache
         return cache.rows * cache.positions / self.core.budget_tokens
 

@@ -7,7 +7,12 @@ between steps. Waiting requests are admitted by `priority` (lower first), then a
 
 A request is admitted only if the cache can hold every admitted sequence at its longest
 (prompt + max_tokens), within the KV budget; the rest wait in the queue, nothing is evicted
-mid-answer.
+mid-answer. Cached prefix blocks (`prefix.PrefixCache`) never hold anyone back: they take what
+the running rows leave of the budget, and are evicted before the rows grow (`_reserve`).
+
+With the prefix cache, a prompt's longest cached block-aligned prefix is copied into its row
+before the prefill, which computes only the rest (at least its last token, for the logits); the
+blocks of each prompt are cached once it is prefilled, and those of its answer when it leaves.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from server.engines.base import FinishReason, TokenLogprobs
 from server.engines.hf.cache import KVCache, Step
+from server.engines.hf.prefix import BLOCK, PrefixCache, chain
 from server.engines.hf.sampler import Sampler
 from server.engines.hf.sequence import Output, Seq
 from server.errors import EngineError, ServiceUnavailable
@@ -31,8 +37,9 @@ class Core:
 
     def __init__(self, model: Any, cache: KVCache, torch: Any, *, max_seqs: int, budget_tokens: int,
                  prefill_tokens: int, max_model_len: int, eos_ids: frozenset[int], vocab: int, seed: int,
-                 grammar_vocab: int | None = None) -> None:
+                 grammar_vocab: int | None = None, prefix_caching: bool = False) -> None:
         self.cache, self.torch = cache, torch
+        self.prefix = PrefixCache(cache) if prefix_caching else None
         self.decoder, self.lm_head = model.get_decoder(), model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's final logits
         self.max_seqs, self.budget_tokens, self.prefill_tokens = max_seqs, budget_tokens, prefill_tokens
@@ -138,7 +145,12 @@ class Core:
         self._compact()
 
     def _compact(self) -> None:
-        """Drop finished sequences; the last running row moves into each freed row."""
+        """Drop finished sequences; the last running row moves into each freed row. What a finished
+        or cancelled sequence computed goes to the prefix cache first, while its row still holds it."""
+        if self.prefix is not None:
+            for row, seq in enumerate(self.running):
+                if seq.done:
+                    self._keep(seq, row)
         row = 0
         while row < len(self.running):
             if self.running[row].done:
@@ -167,25 +179,74 @@ class Core:
             tokens += len(seq.prompt)
         return admitted
 
+    def _reserve(self, rows: int, positions: int) -> None:
+        """Grow the cache for `rows` x `positions`; cached prefix blocks make way first, so the
+        rows and the blocks together stay within the budget."""
+        if self.prefix is not None:
+            new_rows, new_pos = self.cache.plan(rows, positions, self.max_seqs, self.budget_tokens)
+            self.prefix.evict(new_rows * new_pos + self.prefix.tokens - self.budget_tokens)
+        self.cache.reserve(rows, positions, self.max_seqs, self.budget_tokens)
+
+    def _load_prefix(self, seq: Seq, row: int) -> int:
+        """Copy the longest cached prefix of the prompt into its row; returns its length."""
+        if self.prefix is None:
+            return 0
+        seq.keys = chain(seq.prompt, seq.spec.cache_salt, [])
+        if seq.spec.prompt_logprobs is not None:
+            return 0  # they need every prompt position's hidden state (vLLM skips the cache alike)
+        # at least one prompt token is computed: its hidden state gives the first token's logits
+        blocks = self.prefix.match(seq.keys, (len(seq.prompt) - 1) // BLOCK)
+        if not blocks:
+            return 0
+        cached = self.cache.write_prefix(row, blocks)
+        log.debug("request %s: %d of %d prompt tokens from the prefix cache", seq.request_id, cached, len(seq.prompt))
+        return cached
+
+    def _keep(self, seq: Seq, row: int) -> None:
+        """Cache the whole blocks of what the sequence's row holds, within what the rows leave."""
+        assert self.prefix is not None
+        tokens = (seq.prompt + seq.output)[: seq.length]
+        seq.keys = chain(tokens, seq.spec.cache_salt, seq.keys)
+        self.prefix.insert(row, seq.keys, self.budget_tokens - self.cache.allocated)
+
     # prefill
     def _prefill(self, seqs: list[Seq]) -> None:
         torch = self.torch
         row0 = len(self.running)
-        longest = max(len(s.prompt) for s in seqs)
-        span = max([longest] + [s.length + 1 for s in self.running])
-        self.cache.reserve(row0 + len(seqs), span, self.max_seqs, self.budget_tokens)
+        span = max([len(s.prompt) for s in seqs] + [s.length + 1 for s in self.running])
+        self._reserve(row0 + len(seqs), span)
+        starts = [self._load_prefix(s, row0 + i) for i, s in enumerate(seqs)]
+        news = [len(s.prompt) - start for s, start in zip(seqs, starts, strict=True)]
+        longest = max(news)
         ids = torch.zeros((len(seqs), longest), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
+            ids[i, : news[i]] = torch.tensor(s.prompt[starts[i]:])
         positions = torch.arange(longest).expand(len(seqs), longest)
-        self.cache.step = Step(prefill=True, row0=row0)
+        step = Step(prefill=True, row0=row0)
+        if any(starts):
+            # each row's new tokens start at its cached prefix's end; padding repeats a row's last
+            # position (so it stays a real position, and attends to keys that exist)
+            first = torch.tensor(starts)[:, None]
+            ends = first + torch.tensor(news)[:, None]
+            positions = torch.minimum(first + positions, ends - 1)
+            fresh = torch.arange(longest)[None, :] < torch.tensor(news)[:, None]
+            step.span = int(ends.max())
+            step.rows = (row0 + torch.arange(len(seqs)))[:, None].expand(-1, longest)[fresh].to(self.device)
+            step.positions = positions[fresh].to(self.device)
+            step.fresh = fresh.to(self.device)
+            step.valid = (torch.arange(step.span)[None, None, :] <= positions[:, :, None])[:, None].to(self.device)
+        self.cache.step = step
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                               use_cache=False, kv_cache=self.cache).last_hidden_state
-        lasts = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
+        lasts = torch.tensor([n - 1 for n in news], device=self.device)
         logits = self._logits(hidden[torch.arange(len(seqs), device=self.device), lasts])
-        for s in seqs:
+        for s, start in zip(seqs, starts, strict=True):
             s.length = len(s.prompt)
+            s.cached = start
             self.running.append(s)
+        if self.prefix is not None:  # later prompts may hit these blocks while this one still runs
+            for i, s in enumerate(seqs):
+                self._keep(s, row0 + i)
         prompt_lps = {
             i: self._prompt_logprobs(s, hidden[i, : len(s.prompt) - 1])
             for i, s in enumerate(seqs)
@@ -199,7 +260,7 @@ class Core:
         seqs = self.running
         positions = torch.tensor([s.length for s in seqs], device=self.device)
         span = int(positions.max()) + 1
-        self.cache.reserve(len(seqs), span, self.max_seqs, self.budget_tokens)
+        self._reserve(len(seqs), span)
         valid = torch.arange(span, device=self.device)[None, :] <= positions[:, None]
         self.cache.step = Step(prefill=False, row0=0, positions=positions,
                                valid=valid[:, None, None, :], span=span)
@@ -251,7 +312,8 @@ class Core:
                 reason = "stop"
             elif len(seq.output) >= seq.spec.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
                 reason = "length"
-            out = Output(tid, logprobs[i], reason, (prompt_lps or {}).get(i))
+            out = Output(tid, logprobs[i], reason, (prompt_lps or {}).get(i),
+                         seq.cached if len(seq.output) == 1 else None)
             if reason is not None:
                 self._finish(seq, out)
             else:

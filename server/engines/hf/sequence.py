@@ -15,6 +15,7 @@ class Output:
     logprobs: TokenLogprobs | None
     finish_reason: FinishReason | None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    cached_tokens: int | None = None  # on the first token: prompt tokens the prefix cache supplied
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Seq:
     order: tuple[int, int] = (0, 0)  # (priority, arrival): the waiting queue's order
     output: list[int] = field(default_factory=list)
     length: int = 0  # positions in the cache
+    cached: int = 0  # prompt tokens its prefill took from the prefix cache
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its whole blocks so far
     done: bool = False
 
     @property
