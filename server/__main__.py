@@ -11,12 +11,14 @@ from types import FrameType
 
 from server import __version__
 from server.config import (
+    CPU_PLACEMENTS,
     DEFAULT_EMBEDDING_MODEL_NAME,
     DEFAULT_MODEL_NAME,
     DTYPES,
     ENGINES,
     EXECUTOR_BACKENDS,
     SCHEDULING_POLICIES,
+    SPECULATIVE_METHODS,
     TOOL_CALL_FORMATS,
     Settings,
     SettingsError,
@@ -65,7 +67,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--pipeline-parallel-size", type=int, default=1)
     e.add_argument("--distributed-executor-backend", default=None, choices=list(EXECUTOR_BACKENDS),
                    help="how vLLM runs tensor/pipeline-parallel workers: mp (one machine) or ray "
-                        "(several machines in a Ray cluster; default: vLLM's choice)")
+                        "(several machines in a Ray cluster, GPUs only: vLLM's CPU build cannot use Ray; "
+                        "default: vLLM's choice)")
+    e.add_argument("--cpu-placement", default="auto", choices=list(CPU_PLACEMENTS),
+                   help="on CPU, the cores an engine's threads use. auto: vLLM's workers are bound to every core "
+                        "(each to its NUMA node's, or to an equal share) below 8 cores per worker, else as vLLM "
+                        "does; the transformers engine runs a torch thread per physical core. default: each "
+                        "engine's own (vLLM keeps one core per worker for its front end). VLLM_CPU_OMP_THREADS_BIND "
+                        "or VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM), OMP_NUM_THREADS (transformers) win over both")
+    e.add_argument("--speculative", default=None, choices=list(SPECULATIVE_METHODS),
+                   help="vLLM: speculative decoding. ngram (prompt lookup): the tokens that followed the answer's "
+                        "last n-gram where it appeared earlier are proposed, and the model checks them in one "
+                        "step; pays off when answers repeat their prompt (rewrite, extract, edit code). Requests "
+                        "with min_p or logit_bias are then refused (vLLM cannot combine them)")
+    e.add_argument("--num-speculative-tokens", type=int, default=4, help="--speculative: tokens proposed per step")
+    e.add_argument("--prompt-lookup-max", type=int, default=4, help="--speculative ngram: the longest n-gram looked up")
+    e.add_argument("--prompt-lookup-min", type=int, default=2, help="--speculative ngram: the shortest n-gram looked up")
     e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one batch (transformers default: 32)")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens in one forward pass (transformers: prompt tokens prefilled per step, default 1024)")

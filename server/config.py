@@ -27,6 +27,13 @@ EXECUTOR_BACKENDS: tuple[str, ...] = ("mp", "ray", "uni", "external_launcher")
 # the order vLLM schedules waiting requests in: arrival, or a request's `priority` (lower first)
 SchedulingPolicy = Literal["fcfs", "priority"]
 SCHEDULING_POLICIES: tuple[str, ...] = ("fcfs", "priority")
+# which cores an engine's threads use on CPU: auto (ours, from the machine: vLLM's workers bound by
+# server.engines.vllm_engine.cpu_binding, torch's threads one per physical core) or default (each
+# engine's own: vLLM keeps a core per worker for its front end and wants a NUMA node per worker)
+CPU_PLACEMENTS: tuple[str, ...] = ("auto", "default")
+# speculative decoding (vLLM): ngram proposes the tokens that followed the last n-gram where it
+# appeared before in the prompt or answer (prompt lookup), no draft model
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
 # engine settings one model may set for itself (a models file's `settings:`, the admin API);
 # everything else (HTTP, keys, limits, the request log) is the server's
 MODEL_SETTINGS: tuple[str, ...] = (
@@ -38,7 +45,8 @@ MODEL_SETTINGS: tuple[str, ...] = (
 # the server's flags an embedding model does not inherit (it sets them in its own `settings`)
 EMBED_OWN_SETTINGS: tuple[str, ...] = ("max_model_len", "gpu_memory_utilization", "kv_cache_space", "max_num_seqs",
                                        "max_num_batched_tokens", "tensor_parallel_size", "pipeline_parallel_size",
-                                       "distributed_executor_backend", "scheduling_policy", "max_logprobs")
+                                       "distributed_executor_backend", "scheduling_policy", "max_logprobs",
+                                       "speculative")
 # how a model writes tool calls: auto (read from its chat template) or one of server.tools' formats
 TOOL_CALL_FORMATS: tuple[str, ...] = ("auto", "hermes", "llama3_json", "mistral")
 # `--model NAME=default` / a models file's `source: default`: the embedded default model
@@ -223,6 +231,11 @@ class Settings:
     max_logprobs: int = 20
     scheduling_policy: SchedulingPolicy = "fcfs"  # vLLM's; "priority" honours requests' `priority`
     tool_call_format: str = "auto"  # auto: from the chat template (hermes when it knows no tools)
+    cpu_placement: str = "auto"  # on CPU: our thread placement or the engine's own (environment variables win)
+    speculative: str | None = None  # vLLM: "ngram" (prompt lookup) proposes tokens for the model to check
+    num_speculative_tokens: int = 4  # tokens proposed per step
+    prompt_lookup_max: int = 4  # the longest n-gram looked up
+    prompt_lookup_min: int = 2  # the shortest n-gram looked up
     # operations
     api_key: tuple[str, ...] = ()  # --api-key, repeatable
     api_keys_file: Path | None = None
@@ -277,6 +290,15 @@ class Settings:
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise SettingsError("tool_call_format",
                                 f"must be one of {', '.join(TOOL_CALL_FORMATS)}, not {self.tool_call_format!r}")
+        if self.cpu_placement not in CPU_PLACEMENTS:
+            raise SettingsError("cpu_placement", f"must be one of {', '.join(CPU_PLACEMENTS)}, not {self.cpu_placement!r}")
+        if self.speculative not in (None, *SPECULATIVE_METHODS):
+            raise SettingsError("speculative", f"must be one of {', '.join(SPECULATIVE_METHODS)}, not {self.speculative!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            self._check_positive(name, getattr(self, name))
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise SettingsError("prompt_lookup_min", f"must be at most --prompt-lookup-max ({self.prompt_lookup_max}), "
+                                f"not {self.prompt_lookup_min}")
         if self.dtype not in DTYPES:
             raise SettingsError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

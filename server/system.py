@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -53,6 +54,20 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (a core's SMT siblings count once, as
+    its matrix units are shared): the threads a compute-bound engine should run."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
+        except OSError:  # no topology to read (not Linux, or hidden): each CPU is a core
+            cores.add(f"cpu{cpu}")
+    return max(len(cores), 1)
 
 
 def device_total_bytes(kind: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import xgrammar as xgr
 
+from server import system
 from server.config import Settings
 from server.engines.base import (
     Constraint,
@@ -86,6 +87,19 @@ def _kv_budget_bytes(settings: Settings, device: str, total: int, used: int) -> 
 ENGINE_OVERHEAD = GiB // 4
 
 
+def _place_threads(torch: Any, settings: Settings) -> None:
+    """torch's threads on CPU (--cpu-placement): one per physical core this process may run on,
+    unless OMP_NUM_THREADS (which torch reads itself) or `default` (torch's own count) says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        log.info("CPU placement: %d torch threads (OMP_NUM_THREADS)", torch.get_num_threads())
+    elif settings.cpu_placement == "default":
+        log.info("CPU placement: %d torch threads (torch's own count; --cpu-placement default)", torch.get_num_threads())
+    else:
+        torch.set_num_threads(system.physical_cores())
+        log.info("CPU placement: %d torch threads, one per physical core this process may use "
+                 "(--cpu-placement default for torch's own count)", torch.get_num_threads())
+
+
 class HFEngine:
     def __init__(self, core: Core, tokenizer: Tokenizer, info: EngineInfo, compiler: xgr.GrammarCompiler) -> None:
         self.core = core
@@ -113,8 +127,12 @@ class HFEngine:
 
         if settings.tensor_parallel_size != 1 or settings.pipeline_parallel_size != 1 or settings.distributed_executor_backend:
             raise ValueError("--tensor-parallel-size, --pipeline-parallel-size and --distributed-executor-backend need the vLLM engine")
+        if settings.speculative is not None:
+            raise ValueError("--speculative needs the vLLM engine: the transformers engine decodes one token per step")
         config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=settings.trust_remote_code)
         device = _device(torch)
+        if device == "cpu":
+            _place_threads(torch, settings)
         dtype = _dtype(torch, settings.dtype, config, device)
         text = config.get_text_config()
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
