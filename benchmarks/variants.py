@@ -29,6 +29,7 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ def measure(name: str, env: dict[str, str], flags: list[str], args: argparse.Nam
     port = free_port()
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port), "--embedding-model",
-           "none", "--database-url", f"sqlite:///{args.out / (slug + '.requests.db')}", *shlex.split(args.common), *flags]
+           "none", "--database-url", f"sqlite:///{Path(tempfile.gettempdir()) / f'llm-service-variant-{slug}-{port}.requests.db'}", *shlex.split(args.common), *flags]
     server = ServerProcess(cmd, port, args.out / f"{slug}.log", name=name, env=env)
     rows = []
     try:
