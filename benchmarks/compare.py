@@ -9,7 +9,10 @@ identical seeded load against each, and write a Markdown table of ratios, plots 
         --out benchmarks/results/2026-11-21-cpu-smollm2-transformers
 
 Peers: `vllm` is vLLM's own OpenAI server on the same engine settings (on CPU: the same KV cache
-size and, like ours, no chunked prefill); `transformers` is `transformers serve
+size and, like ours, no chunked prefill), with its own placement of threads on cores;
+`vllm-placed` is the same server given the placement ours chooses (`--cpu-placement auto`: the
+VLLM_CPU_* variables it would set), so the two rows say how much of a gain is placement and how
+much is ours; `transformers` is `transformers serve
 --continuous-batching`. Each level sends `--rounds` x concurrency requests (at least 4).
 """
 
@@ -46,8 +49,17 @@ def commands(model_path: Path, port: int, ours_args: list[str], eager: bool = Fa
     }
 
 
-def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace) -> list[load.Report]:
-    server = ServerProcess(cmd, port, args.out / f"{name}.log", name=name)
+def placed_environment() -> dict[str, str]:
+    """The variables `--cpu-placement auto` gives vLLM's worker on this machine."""
+    from server.config import Settings
+    from server.engines.vllm_engine import cpu_placement
+
+    return cpu_placement(Settings(), {})
+
+
+def measure(name: str, cmd: list[str], port: int, args: argparse.Namespace,
+            env: dict[str, str] | None = None) -> list[load.Report]:
+    server = ServerProcess(cmd, port, args.out / f"{name}.log", name=name, env=env)
     try:
         started = time.monotonic()
         server.wait_ready(args.start_timeout)
@@ -102,7 +114,7 @@ def table(results: dict[str, list[load.Report]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peers", default="vllm", help="comma list of: vllm, transformers")
+    p.add_argument("--peers", default="vllm", help="comma list of: vllm, vllm-placed, transformers")
     p.add_argument("--concurrency", type=load.concurrency_levels, default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
     p.add_argument("--prompt-tokens", default="100", help="N or LOW:HIGH tokens")
@@ -126,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [*peers, "llm-service"]:  # the peers first: ours runs last, on a machine no cooler
         port = free_port()
         ours = ["--engine", args.engine, *args.ours_args.split()]
-        cmd = commands(args.model, port, ours, args.enforce_eager)[name]
+        cmd = commands(args.model, port, ours, args.enforce_eager)["vllm" if name == "vllm-placed" else name]
+        env = placed_environment() if name == "vllm-placed" else None
+        if env is not None:
+            print(f"== {name}: {' '.join(f'{k}={v}' for k, v in env.items()) or 'vLLM placement unchanged'}")
         try:
-            results[name] = measure(name, cmd, port, args)
+            results[name] = measure(name, cmd, port, args, env)
         except Exception as e:  # one peer failing must not lose the others' figures
             print(f"== {name} failed: {type(e).__name__}: {e} (see {args.out / (name + '.log')})")
     if "llm-service" not in results:

@@ -78,9 +78,9 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 class Gateway:
     """nginx (Debian's) running deploy/nginx.conf as shipped, but for the replicas' addresses and
-    its own port, with its prefix and JSON access log in `folder`."""
+    its own port, with its prefix in `folder` and its JSON access log there or at `log_path`."""
 
-    def __init__(self, nginx: str, replicas: list[int], folder: Path) -> None:
+    def __init__(self, nginx: str, replicas: list[int], folder: Path, log_path: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         conf = (DEPLOY / "nginx.conf").read_text()
@@ -91,7 +91,7 @@ class Gateway:
             raise RuntimeError("deploy/nginx.conf no longer has the two `llm` upstreams and one listen this expects")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "nginx.conf").write_text(conf)
-        self.log_path = folder / "nginx.log"
+        self.log_path = log_path or folder / "nginx.log"
         self._log = open(self.log_path, "ab")  # append: nginx reopens /dev/stdout for its access log
         self.proc = subprocess.Popen([nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"),
                                       "-g", f"daemon off; pid {folder}/nginx.pid;"], stdout=self._log, stderr=self._log)

@@ -47,17 +47,21 @@ log = logging.getLogger(__name__)
 Policy = Literal["open", "closed"]
 DOWN_SECONDS = 1.0  # after a failure, Redis is not asked again for this long
 
-# KEYS: req, tok, tokn, conc. ARGV: now_ms ('' = Redis' clock), id, tokens, rpm, tpm, conc (-1 = no
-# limit), lease_ms, window_ms, mode (admit | charge | peek), room (admit: tpm - tokens).
-# Returns {verdict, now, requests, tokens, concurrent, oldest_request, oldest_tokens, token_wait_at}:
-# verdict 1 = recorded, 0 = refused (the caller words the 429 from the counts), 2 = peek; times in
-# ms, -1 when there is none; token_wait_at: when the window's tokens drop to `room` (admit only).
-_ADMIT = """
+# `now` in ms: ARGV[1] when the caller gives its clock (tests), else Redis' own
+_NOW = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+"""
+
+# KEYS: req, tok, tokn, conc. ARGV: now_ms ('' = Redis' clock), id, tokens, rpm, tpm, conc (-1 = no
+# limit), lease_ms, window_ms, mode (admit | charge | peek), room (admit: tpm - tokens).
+# Returns {verdict, now, requests, tokens, concurrent, oldest_request, oldest_tokens, token_wait_at}:
+# verdict 1 = recorded, 0 = refused (the caller words the 429 from the counts), 2 = peek; times in
+# ms, -1 when there is none; token_wait_at: when the window's tokens drop to `room` (admit only).
+_ADMIT = _NOW + """
 local id, tokens = ARGV[2], tonumber(ARGV[3])
 local rpm, tpm, conc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local lease, window, mode, room = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
@@ -116,12 +120,7 @@ return 0
 """
 
 # KEYS: conc. ARGV: now_ms ('' = Redis' clock), lease_ms, ids... Leases of requests still running.
-_RENEW = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_RENEW = _NOW + """
 for i = 3, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 60000)
 return 0

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.servers import Gateway
 from tests.conftest import MODEL
 from tests.server_process import LOG_DIR, ServerProcess, free_port
 from tests.test_deploy import DEPLOY, K8S, tool
@@ -37,33 +38,14 @@ def gateway(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> 
     """deploy/nginx.conf as it is, but for the upstream's address and the listening port."""
     nginx = tool("nginx")
     prefix = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    conf = (DEPLOY / "nginx.conf").read_text()
-    conf, n_upstream = re.subn(r"server llm:8000 ", f"server 127.0.0.1:{server.port} ", conf)
-    conf, n_listen = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", conf)
-    assert n_upstream == 2 and n_listen == 1  # the least-connections pool and the sessions pool
-    (prefix / "nginx.conf").write_text(conf)
-    args = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", f"pid {prefix}/nginx.pid;"]
-    check = subprocess.run([*args[:5], "-t", "-g", f"pid {prefix}/nginx.pid;"], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    # append mode: nginx opens /dev/stdout again for its access log; both must append
-    log = open(LOG_DIR / f"nginx-{port}.log", "ab")
-    proc = subprocess.Popen([*args[:5], "-g", f"daemon off; pid {prefix}/nginx.pid;"], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    gateway = Gateway(nginx, [server.port], prefix, LOG_DIR / f"nginx-{server.port}.log")
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/nginx-health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"nginx did not start: {(LOG_DIR / f'nginx-{port}.log').read_text()}")
-        yield url
+        check = subprocess.run([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-t",
+                                "-g", f"pid {prefix}/nginx-t.pid;"], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        yield gateway.url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        gateway.stop()
 
 
 def test_nginx_accepts_the_config_as_shipped(gateway: str) -> None:
