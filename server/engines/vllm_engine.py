@@ -144,7 +144,9 @@ def engine_args(model_path: Path, settings: Settings) -> Any:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enforce_eager=settings.enforce_eager,
-        enable_prefix_caching=settings.enable_prefix_caching,
+        # on: vLLM's own default (None), which is on for generation and off for pooling models,
+        # whose encoder-only KV has no cacheable group (vLLM refuses to start them with True)
+        enable_prefix_caching=None if settings.enable_prefix_caching else False,
         seed=settings.seed,
         max_logprobs=settings.max_logprobs,
         scheduling_policy=settings.scheduling_policy,
