@@ -105,12 +105,13 @@ class Gateway:
         raise RuntimeError(f"nginx did not start: {self.log_path.read_text()[-3000:]}")
 
     def upstreams(self, request_ids: list[str]) -> list[str]:
-        """The replica (address) nginx sent each request to, from its access log."""
+        """The replica (address) that answered each request, from nginx's access log (where nginx
+        tried several, `upstream` lists each: the last one answered)."""
         seen: dict[str, str] = {}
         for line in self.log_path.read_text().splitlines():
             if line.startswith("{"):
                 entry = json.loads(line)
-                seen[entry["request_id"]] = entry["upstream"]
+                seen[entry["request_id"]] = entry["upstream"].split(", ")[-1]
         return [seen[r] for r in request_ids]
 
     def stop(self) -> None:
