@@ -127,7 +127,7 @@ def summary(chats: list[Chat]) -> dict[str, Any]:
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     lines = [f"# Cache affinity: {args.replicas} replicas ({args.engine}) behind deploy/nginx.conf", "",
              f"{args.conversations} chats x {args.turns} turns, {args.max_tokens} tokens per answer, "
-             f"one request at a time, {date.today().isoformat()}.", "",
+             f"the chats at once (each its turns in order), {date.today().isoformat()}.", "",
              "| routing | cache hits (turns 2+) | replicas per chat | TTFT p50 by turn (ms) |", "|---|---|---|---|"]
     names = {"affinity": "X-Session-Id (consistent hash)", "none": "no header (least connections)"}
     for mode, r in results.items():

@@ -108,11 +108,15 @@ class Gateway:
         """The replica (address) that answered each request, from nginx's access log (where nginx
         tried several, `upstream` lists each: the last one answered)."""
         seen: dict[str, str] = {}
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                entry = json.loads(line)
-                seen[entry["request_id"]] = entry["upstream"].split(", ")[-1]
-        return [seen[r] for r in request_ids]
+        deadline = time.monotonic() + 5  # nginx logs a request just after its last byte went out
+        while True:
+            for line in self.log_path.read_text().splitlines():
+                if line.startswith("{"):
+                    entry = json.loads(line)
+                    seen[entry["request_id"]] = entry["upstream"].split(", ")[-1]
+            if all(r in seen for r in request_ids) or time.monotonic() > deadline:
+                return [seen[r] for r in request_ids]
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
